@@ -1,0 +1,131 @@
+//! The event bus: committed events, in sequence order, for subscribers.
+//!
+//! One path on both backends: the bus is fed from the log. A feeder task reads the events after
+//! the last one it published whenever a local commit wakes it, whenever Postgres `NOTIFY` says
+//! another instance committed, and on a slow timer as a safety net. Since appends are serialized
+//! and numbered in commit order, reading "after the last published" never skips an event.
+//! The channel is bounded; a subscriber that lags recovers from the log.
+
+use crate::domain::events::StoredEvent;
+use crate::store::{EventFilter, Store, PG_CHANNEL};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+pub const BUS_CAPACITY: usize = 4096;
+const READ_BATCH: u64 = 1000;
+
+#[derive(Clone)]
+pub struct EventBus {
+    tx: broadcast::Sender<Arc<StoredEvent>>,
+    head: Arc<AtomicI64>,
+}
+
+impl EventBus {
+    pub fn new(capacity: usize, head: i64) -> Self {
+        let (tx, _) = broadcast::channel(capacity);
+        EventBus {
+            tx,
+            head: Arc::new(AtomicI64::new(head)),
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<StoredEvent>> {
+        self.tx.subscribe()
+    }
+
+    /// The last sequence published.
+    pub fn head(&self) -> i64 {
+        self.head.load(Ordering::SeqCst)
+    }
+
+    fn publish(&self, ev: StoredEvent) {
+        self.head.store(ev.sequence, Ordering::SeqCst);
+        let _ = self.tx.send(Arc::new(ev));
+    }
+
+    /// Start the feeder; it stops when `shutdown` turns true.
+    pub fn spawn_feeder(
+        &self,
+        store: Arc<Store>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
+        let bus = self.clone();
+        tokio::spawn(async move {
+            let local = store.committed_notify();
+            let (remote_tx, mut remote_rx) = watch::channel(0u64);
+            let listener = store
+                .pg_pool()
+                .map(|pool| tokio::spawn(listen(pool, remote_tx)));
+            loop {
+                let notified = local.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if let Err(e) = bus.catch_up(&store).await {
+                    tracing::warn!(error = ?e, "event bus could not read the log");
+                }
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = remote_rx.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.changed() => break,
+                }
+            }
+            if let Some(l) = listener {
+                l.abort();
+            }
+        })
+    }
+
+    async fn catch_up(&self, store: &Store) -> Result<(), crate::error::AppError> {
+        loop {
+            let events = store
+                .read_events(self.head(), &EventFilter::default(), READ_BATCH)
+                .await?;
+            let n = events.len() as u64;
+            for ev in events {
+                self.publish(ev);
+            }
+            if n < READ_BATCH {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Wake the feeder on every `NOTIFY` from any instance; reconnects on failure.
+async fn listen(pool: sea_orm::sqlx::PgPool, wake: watch::Sender<u64>) {
+    use sea_orm::sqlx::postgres::PgListener;
+    let mut n = 0u64;
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = ?e, "LISTEN connection failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(PG_CHANNEL).await {
+            tracing::warn!(error = ?e, "LISTEN failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        loop {
+            match listener.recv().await {
+                Ok(_) => {
+                    n += 1;
+                    let _ = wake.send(n);
+                }
+                Err(e) => {
+                    tracing::warn!(error = ?e, "LISTEN connection lost; reconnecting");
+                    n += 1;
+                    let _ = wake.send(n);
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The axum router: GraphQL over HTTP and WebSocket, GraphiQL, health.
+
+use crate::graphql::{ActorId, AppSchema};
+use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
+use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
+use axum::extract::{DefaultBodyLimit, State, WebSocketUpgrade};
+use axum::http::HeaderMap;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub schema: AppSchema,
+    pub ws_init_timeout: Duration,
+}
+
+pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/graphql", get(graphiql).post(graphql))
+        .route("/graphql/ws", get(graphql_ws))
+        .route("/healthz", get(health))
+        .route("/api/v1/health", get(health))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+fn actor_from(headers: &HeaderMap) -> ActorId {
+    let id = headers
+        .get("x-actor-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .unwrap_or("anonymous");
+    ActorId(id.to_string())
+}
+
+async fn graphql(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    req: GraphQLRequest,
+) -> GraphQLResponse {
+    let req = req.into_inner().data(actor_from(&headers));
+    state.schema.execute(req).await.into()
+}
+
+async fn graphiql() -> impl IntoResponse {
+    Html(
+        GraphiQLSource::build()
+            .endpoint("/graphql")
+            .subscription_endpoint("/graphql/ws")
+            .title("vm-workflow GraphiQL")
+            .finish(),
+    )
+}
+
+async fn graphql_ws(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    protocol: GraphQLProtocol,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let actor = actor_from(&headers);
+    let schema = state.schema.clone();
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| async move {
+            let mut data = async_graphql::Data::default();
+            data.insert(actor);
+            GraphQLWebSocket::new(socket, schema, protocol)
+                .with_data(data)
+                .keepalive_timeout(Some(Duration::from_secs(30)))
+                .serve()
+                .await
+        })
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}

@@ -1,0 +1,295 @@
+//! Run files under `<data>/runs/<run_id>/`: plan.json, run.json and per-stage directories
+//! `stages/<NN>-<key>/{input.json, output.json, attempts/<n>.json, artifacts/<path>, manifest.json}`.
+//! Every file is written to a temporary sibling and renamed; the manifest is written last.
+
+use super::{StageContext, StageError, StageOutput};
+use crate::domain::events::ArtifactMeta;
+use crate::domain::run::RunState;
+use crate::domain::time;
+use crate::error::AppError;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::path::{Component, Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct ArtifactStore {
+    root: PathBuf,
+}
+
+/// A relative artifact path with no way out of its directory.
+pub fn is_safe_relative(path: &str) -> bool {
+    !path.is_empty()
+        && path.len() <= 512
+        && !path.contains('\\')
+        && Path::new(path)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(
+        ".{file_name}.{}.tmp",
+        crate::domain::ids::generate("")
+    ));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
+    let mut text = serde_json::to_vec_pretty(value).unwrap_or_default();
+    text.push(b'\n');
+    write_atomic(path, &text)
+}
+
+fn kind_of(path: &str) -> String {
+    Path::new(path)
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .unwrap_or_else(|| "file".into())
+}
+
+impl ArtifactStore {
+    pub fn new(data_dir: &Path) -> Self {
+        ArtifactStore {
+            root: data_dir.join("runs"),
+        }
+    }
+
+    pub fn run_dir(&self, run_id: &str) -> PathBuf {
+        self.root.join(run_id)
+    }
+
+    pub fn stage_dir_name(position: i32, key: &str) -> String {
+        format!("{position:02}-{key}")
+    }
+
+    fn stage_dir(&self, run_id: &str, position: i32, key: &str) -> PathBuf {
+        self.run_dir(run_id)
+            .join("stages")
+            .join(Self::stage_dir_name(position, key))
+    }
+
+    /// `plan.json`: the immutable snapshot, written when the run is queued.
+    pub fn write_plan(&self, state: &RunState) -> Result<(), AppError> {
+        let run = &state.run;
+        let plan = json!({
+            "runId": run.id,
+            "threadId": run.thread_id,
+            "projectId": run.project_id,
+            "brandId": run.brand_id,
+            "requestText": run.request_text,
+            "requestedMode": run.plan.requested_mode,
+            "effectiveMode": run.plan.effective_mode,
+            "fallbackApplied": run.plan.fallback_applied,
+            "profileVersion": run.plan.profile_version,
+            "profileDigest": run.plan.profile_digest,
+            "description": run.plan.description,
+            "skillOverrides": run.plan.skill_overrides,
+            "stages": run.plan.stages,
+            "createdAt": run.created_at,
+        });
+        write_json(&self.run_dir(&run.id).join("plan.json"), &plan)?;
+        self.write_run_json(state)
+    }
+
+    /// `run.json`: status and the manifests written so far.
+    pub fn write_run_json(&self, state: &RunState) -> Result<(), AppError> {
+        let run = &state.run;
+        let mut manifests: Vec<String> = state
+            .stages
+            .iter()
+            .filter(|s| {
+                self.stage_dir(&run.id, s.position, &s.key)
+                    .join("manifest.json")
+                    .exists()
+            })
+            .map(|s| {
+                format!(
+                    "stages/{}/manifest.json",
+                    Self::stage_dir_name(s.position, &s.key)
+                )
+            })
+            .collect();
+        manifests.sort();
+        let doc = json!({
+            "runId": run.id,
+            "threadId": run.thread_id,
+            "mode": run.plan.effective_mode,
+            "status": run.status.as_str(),
+            "version": run.version,
+            "updatedAt": run.updated_at,
+            "manifestPaths": manifests,
+        });
+        Ok(write_json(&self.run_dir(&run.id).join("run.json"), &doc)?)
+    }
+
+    /// Write a successful attempt's files; the manifest last. Returns the artifact metadata.
+    pub fn write_stage(
+        &self,
+        ctx: &StageContext,
+        output: &StageOutput,
+        started_at: &str,
+    ) -> Result<Vec<ArtifactMeta>, StageError> {
+        self.write_stage_files(ctx, output, started_at)
+            .map_err(|e| StageError {
+                code: super::ARTIFACT_WRITE_ERROR.into(),
+                message: format!(
+                    "could not write the artifacts of stage {}: {e}",
+                    ctx.stage_key
+                ),
+                retryable: true,
+            })
+    }
+
+    fn write_stage_files(
+        &self,
+        ctx: &StageContext,
+        output: &StageOutput,
+        started_at: &str,
+    ) -> std::io::Result<Vec<ArtifactMeta>> {
+        let dir = self.stage_dir(&ctx.run_id, ctx.position, &ctx.stage_key);
+        let finished_at = time::now();
+        write_json(
+            &dir.join("input.json"),
+            &json!({
+                "requestText": ctx.request_text,
+                "mode": ctx.effective_mode,
+                "skills": ctx.skills,
+                "attempt": ctx.attempt,
+            }),
+        )?;
+        write_json(
+            &dir.join("output.json"),
+            &json!({
+                "stageKey": ctx.stage_key,
+                "pipelineStatus": output.pipeline_status,
+                "summary": output.summary,
+                "skills": ctx.skills,
+                "mode": ctx.effective_mode,
+                "attempt": ctx.attempt,
+                "isolationKey": ctx.isolation_key(),
+                "startedAt": started_at,
+                "finishedAt": finished_at,
+            }),
+        )?;
+        let mut metas = Vec::with_capacity(output.artifacts.len());
+        for (path, content) in &output.artifacts {
+            if !is_safe_relative(path) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("artifact path `{path}` is not a safe relative path"),
+                ));
+            }
+            write_atomic(&dir.join("artifacts").join(path), content.as_bytes())?;
+            metas.push(ArtifactMeta {
+                path: path.clone(),
+                kind: kind_of(path),
+                sha256: hex::encode(Sha256::digest(content.as_bytes())),
+                size: content.len() as i64,
+            });
+        }
+        self.write_attempt(ctx, "completed", None, started_at)?;
+        write_json(
+            &dir.join("manifest.json"),
+            &json!({
+                "runId": ctx.run_id,
+                "threadId": ctx.thread_id,
+                "stageKey": ctx.stage_key,
+                "stagePosition": ctx.position,
+                "attempt": ctx.attempt,
+                "status": "completed",
+                "startedAt": started_at,
+                "finishedAt": finished_at,
+                "artifacts": metas.iter().map(|m| json!({
+                    "path": format!("artifacts/{}", m.path),
+                    "kind": m.kind,
+                    "sha256": m.sha256,
+                    "size": m.size,
+                })).collect::<Vec<_>>(),
+            }),
+        )?;
+        Ok(metas)
+    }
+
+    /// Record one attempt (failed ones too) under `attempts/<n>.json`.
+    pub fn write_attempt(
+        &self,
+        ctx: &StageContext,
+        status: &str,
+        error: Option<&StageError>,
+        started_at: &str,
+    ) -> std::io::Result<()> {
+        let dir = self.stage_dir(&ctx.run_id, ctx.position, &ctx.stage_key);
+        write_json(
+            &dir.join("attempts")
+                .join(format!("{:03}.json", ctx.attempt)),
+            &json!({
+                "attempt": ctx.attempt,
+                "status": status,
+                "errorCode": error.map(|e| e.code.clone()),
+                "errorMessage": error.map(|e| e.message.clone()),
+                "retryable": error.map(|e| e.retryable),
+                "startedAt": started_at,
+                "finishedAt": time::now(),
+            }),
+        )
+    }
+
+    /// Read an artifact. The caller has checked `path` against the stored manifest metadata;
+    /// the path is still checked here so nothing from a client reaches the file system unchecked.
+    pub async fn read(
+        &self,
+        run_id: &str,
+        position: i32,
+        key: &str,
+        path: &str,
+    ) -> Result<String, AppError> {
+        if !is_safe_relative(path) || crate::domain::ids::parse_client_id("runId", run_id).is_err()
+        {
+            return Err(AppError::validation("invalid artifact path"));
+        }
+        let file = self
+            .stage_dir(run_id, position, key)
+            .join("artifacts")
+            .join(path);
+        tokio::fs::read_to_string(&file)
+            .await
+            .map_err(AppError::internal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_paths() {
+        assert!(is_safe_relative("research/research-report.md"));
+        for bad in ["", "../x", "/etc/hostname", "a/../../b", "a\\b", "./a"] {
+            assert!(!is_safe_relative(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn atomic_write_leaves_no_temp_files() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("a/b.json");
+        write_atomic(&p, b"{}").expect("write");
+        write_atomic(&p, b"{\"x\":1}").expect("overwrite");
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), "{\"x\":1}");
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("a"))
+            .expect("dir")
+            .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["b.json"]);
+    }
+}

@@ -1,0 +1,64 @@
+//! Stage execution: the runner trait, the default Foundation runner, fault injection, artifacts.
+
+pub mod artifacts;
+pub mod faults;
+pub mod foundation;
+
+use futures::future::BoxFuture;
+
+/// Everything a runner may know about the attempt it executes.
+#[derive(Debug, Clone)]
+pub struct StageContext {
+    pub run_id: String,
+    pub thread_id: String,
+    pub project_id: String,
+    pub brand_id: String,
+    pub stage_key: String,
+    pub position: i32,
+    pub attempt: u32,
+    pub skills: Vec<String>,
+    pub requested_mode: String,
+    pub effective_mode: String,
+    pub fallback_applied: bool,
+    pub request_text: String,
+    /// Stage keys of the run, in order, and which of them are completed.
+    pub stage_keys: Vec<String>,
+    pub completed_stages: Vec<String>,
+}
+
+impl StageContext {
+    /// Per-run isolation key: two runs on one thread never share state.
+    pub fn isolation_key(&self) -> String {
+        format!("{}--{}", self.thread_id, self.run_id)
+    }
+}
+
+/// A successful attempt: a summary and the artifacts it produced (path → content).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageOutput {
+    pub summary: String,
+    pub pipeline_status: String,
+    pub artifacts: Vec<(String, String)>,
+}
+
+/// A failed attempt.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct StageError {
+    pub code: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+pub const STAGE_EXECUTION_ERROR: &str = "STAGE_EXECUTION_ERROR";
+pub const STAGE_TIMEOUT: &str = "STAGE_TIMEOUT";
+pub const ARTIFACT_WRITE_ERROR: &str = "ARTIFACT_WRITE_ERROR";
+
+/// Executes one stage attempt. Implementations must be safe to call for many runs at once.
+pub trait StageRunner: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn execute<'a>(
+        &'a self,
+        ctx: &'a StageContext,
+    ) -> BoxFuture<'a, Result<StageOutput, StageError>>;
+}

@@ -1,0 +1,310 @@
+//! Workflow runs: start, approve, reject, resume, cancel, complete a task; and the runtime's
+//! own writes (`advance`), which go through the same path.
+
+use super::{Caller, Services};
+use crate::domain::events::{Actor, DomainEvent, EventMeta};
+use crate::domain::ids;
+use crate::domain::profiles::{PlanSnapshot, SkillOverrides};
+use crate::domain::run::{RunState, StageStatus};
+use crate::domain::workspace;
+use crate::error::AppError;
+use crate::store::event_log::NewEvent;
+use crate::store::idempotency::Idempotency;
+use crate::store::WriteTx;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StartRun {
+    pub thread_id: String,
+    pub request_text: String,
+    pub mode: String,
+    pub skill_overrides: SkillOverrides,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GateDecision {
+    pub run_id: String,
+    pub stage_key: Option<String>,
+    pub comment: Option<String>,
+}
+
+/// What a run mutation answers (and what an idempotent replay answers again).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunOutcome {
+    pub run_id: String,
+    /// For approve and resume: whether the run was moved back to the worker.
+    pub resume_applied: bool,
+}
+
+fn run_events(state: &RunState, events: Vec<DomainEvent>) -> Vec<NewEvent> {
+    events
+        .into_iter()
+        .map(|body| NewEvent {
+            body,
+            thread_id: Some(state.run.thread_id.clone()),
+            run_id: Some(state.run.id.clone()),
+        })
+        .collect()
+}
+
+impl Services {
+    /// Turn a mode request into a plan, without starting anything.
+    pub fn preview(
+        &self,
+        mode: &str,
+        overrides: &SkillOverrides,
+    ) -> Result<PlanSnapshot, AppError> {
+        self.profiles.resolve(&self.settings, mode, overrides)
+    }
+
+    /// Append `events` to the run's stream and project them; returns the new state.
+    async fn append_run(
+        &self,
+        w: &mut WriteTx,
+        state: RunState,
+        meta: &EventMeta,
+        events: Vec<DomainEvent>,
+    ) -> Result<RunState, AppError> {
+        if events.is_empty() {
+            return Ok(state);
+        }
+        let stream = format!("run:{}", state.run.id);
+        let version = state.run.version;
+        let new = run_events(&state, events);
+        let (_, after) = w
+            .append_and_project(&stream, version, meta, new, Some(state))
+            .await?;
+        after.ok_or_else(|| AppError::internal(anyhow::anyhow!("projection lost the run")))
+    }
+
+    /// After a commit: keep run.json current and wake the workers if the run is runnable.
+    fn after_run_change(&self, before: &RunState, after: &RunState) {
+        let completed = |s: &RunState| {
+            s.stages
+                .iter()
+                .filter(|s| s.status == StageStatus::Completed)
+                .count()
+        };
+        if before.run.status != after.run.status || completed(before) != completed(after) {
+            if let Err(e) = self.artifacts.write_run_json(after) {
+                tracing::warn!(run_id = %after.run.id, error = ?e, "could not write run.json");
+            }
+        }
+        if after.run.status.is_runnable() && !before.run.status.is_runnable() {
+            self.wake.notify_waiters();
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(thread_id = %cmd.thread_id))]
+    pub async fn start_run(
+        &self,
+        caller: &Caller,
+        cmd: StartRun,
+        key: Option<String>,
+    ) -> Result<RunOutcome, AppError> {
+        let idem = Idempotency::new("startWorkflowRun", key, &cmd)?;
+        let request_text = workspace::parse_text("requestText", &cmd.request_text)?;
+        if request_text.is_empty() {
+            return Err(AppError::validation("requestText must not be empty"));
+        }
+        let plan = self.preview(&cmd.mode, &cmd.skill_overrides)?;
+        let mut w = self.store.write().await?;
+        if let Some(replay) = w.replayed::<RunOutcome>(&idem).await? {
+            w.commit().await?;
+            return Ok(replay);
+        }
+        let thread = self
+            .store
+            .thread(&cmd.thread_id)
+            .await?
+            .ok_or_else(|| AppError::not_found("thread", &cmd.thread_id))?;
+        let run_id = ids::generate("run-");
+        let event = NewEvent {
+            body: DomainEvent::WorkflowRunQueued {
+                run_id: run_id.clone(),
+                thread_id: thread.id.clone(),
+                project_id: thread.project_id.clone(),
+                brand_id: thread.brand_id.clone(),
+                request_text,
+                plan,
+            },
+            thread_id: Some(thread.id.clone()),
+            run_id: Some(run_id.clone()),
+        };
+        let (_, state) = w
+            .append_and_project(
+                &format!("run:{run_id}"),
+                0,
+                &caller.meta(),
+                vec![event],
+                None,
+            )
+            .await?;
+        let state =
+            state.ok_or_else(|| AppError::internal(anyhow::anyhow!("queued run not projected")))?;
+        let outcome = RunOutcome {
+            run_id: run_id.clone(),
+            resume_applied: false,
+        };
+        w.remember(&idem, &outcome).await?;
+        w.commit().await?;
+        tracing::info!(run_id = %run_id, mode = %state.run.plan.effective_mode, "run queued");
+        if let Err(e) = self.artifacts.write_plan(&state) {
+            tracing::error!(run_id = %run_id, error = ?e, "could not write plan.json");
+        }
+        self.wake.notify_waiters();
+        Ok(outcome)
+    }
+
+    /// The shared shape of run commands: load the run in the write transaction, decide, append.
+    async fn run_command(
+        &self,
+        caller: &Caller,
+        idem: Idempotency,
+        run_id: &str,
+        decide: impl FnOnce(&RunState) -> Result<(Vec<DomainEvent>, bool), AppError>,
+    ) -> Result<RunOutcome, AppError> {
+        let mut w = self.store.write().await?;
+        if let Some(replay) = w.replayed::<RunOutcome>(&idem).await? {
+            w.commit().await?;
+            return Ok(replay);
+        }
+        let state = w
+            .load_run_state(run_id)
+            .await?
+            .ok_or_else(|| AppError::not_found("run", run_id))?;
+        let (events, resume_applied) = decide(&state)?;
+        let before = state.clone();
+        let meta = EventMeta {
+            actor: caller.actor.clone(),
+            correlation_id: Some(state.run.correlation_id.clone()),
+            causation_id: Some(state.run.last_event_id.clone()),
+        };
+        let state = self.append_run(&mut w, state, &meta, events).await?;
+        let outcome = RunOutcome {
+            run_id: run_id.to_string(),
+            resume_applied,
+        };
+        w.remember(&idem, &outcome).await?;
+        w.commit().await?;
+        self.after_run_change(&before, &state);
+        Ok(outcome)
+    }
+
+    #[tracing::instrument(skip_all, fields(run_id = %cmd.run_id))]
+    pub async fn approve_run(
+        &self,
+        caller: &Caller,
+        cmd: GateDecision,
+        key: Option<String>,
+    ) -> Result<RunOutcome, AppError> {
+        let idem = Idempotency::new("approveWorkflowRun", key, &cmd)?;
+        let comment = cmd
+            .comment
+            .as_deref()
+            .map(|c| workspace::parse_text("comment", c))
+            .transpose()?;
+        let by = caller.actor.id.clone();
+        self.run_command(caller, idem, &cmd.run_id, |s| {
+            s.approve(cmd.stage_key.as_deref(), &by, comment)
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(run_id = %cmd.run_id))]
+    pub async fn reject_run(
+        &self,
+        caller: &Caller,
+        cmd: GateDecision,
+        key: Option<String>,
+    ) -> Result<RunOutcome, AppError> {
+        let idem = Idempotency::new("rejectWorkflowRun", key, &cmd)?;
+        let comment = cmd
+            .comment
+            .as_deref()
+            .map(|c| workspace::parse_text("comment", c))
+            .transpose()?;
+        let by = caller.actor.id.clone();
+        self.run_command(caller, idem, &cmd.run_id, |s| {
+            Ok((s.reject(cmd.stage_key.as_deref(), &by, comment)?, false))
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(run_id = %run_id))]
+    pub async fn resume_run(
+        &self,
+        caller: &Caller,
+        run_id: &str,
+        key: Option<String>,
+    ) -> Result<RunOutcome, AppError> {
+        let idem = Idempotency::new("resumeWorkflowRun", key, &run_id)?;
+        let outcome = self
+            .run_command(caller, idem, run_id, |s| Ok(s.resume()))
+            .await?;
+        // A safety control: also nudge the workers (for example after a lost wake-up).
+        self.wake.notify_waiters();
+        Ok(outcome)
+    }
+
+    #[tracing::instrument(skip_all, fields(run_id = %run_id))]
+    pub async fn cancel_run(
+        &self,
+        caller: &Caller,
+        run_id: &str,
+        reason: Option<String>,
+        key: Option<String>,
+    ) -> Result<RunOutcome, AppError> {
+        let idem = Idempotency::new("cancelWorkflowRun", key, &(run_id, &reason))?;
+        let reason = reason
+            .as_deref()
+            .map(|r| workspace::parse_text("reason", r))
+            .transpose()?;
+        self.run_command(caller, idem, run_id, |s| Ok((s.cancel(reason), false)))
+            .await
+    }
+
+    #[tracing::instrument(skip_all, fields(task_id = %task_id))]
+    pub async fn complete_task(
+        &self,
+        caller: &Caller,
+        task_id: &str,
+        key: Option<String>,
+    ) -> Result<RunOutcome, AppError> {
+        let idem = Idempotency::new("completeTask", key, &task_id)?;
+        let task = self
+            .store
+            .task(task_id)
+            .await?
+            .ok_or_else(|| AppError::not_found("task", task_id))?;
+        self.run_command(caller, idem, &task.run_id, |s| {
+            Ok((s.complete_task(task_id)?, false))
+        })
+        .await
+    }
+
+    /// The runtime's writes: decide on the current state inside the write transaction.
+    /// A `CONFLICT` means the run moved on (approved, canceled, taken over) meanwhile.
+    pub async fn advance(
+        &self,
+        run_id: &str,
+        decide: impl FnOnce(&RunState) -> Result<Vec<DomainEvent>, AppError>,
+    ) -> Result<RunState, AppError> {
+        let mut w = self.store.write().await?;
+        let state = w
+            .load_run_state(run_id)
+            .await?
+            .ok_or_else(|| AppError::not_found("run", run_id))?;
+        let events = decide(&state)?;
+        let before = state.clone();
+        let meta = EventMeta {
+            actor: Actor::runtime(),
+            correlation_id: Some(state.run.correlation_id.clone()),
+            causation_id: Some(state.run.last_event_id.clone()),
+        };
+        let state = self.append_run(&mut w, state, &meta, events).await?;
+        w.commit().await?;
+        self.after_run_change(&before, &state);
+        Ok(state)
+    }
+}

@@ -1,0 +1,167 @@
+//! Build the application: migrated store, profiles, bus, runtime, router, bound listener.
+
+use crate::bus::{EventBus, BUS_CAPACITY};
+use crate::config::Config;
+use crate::domain::profiles::{ProfileSet, ResolveSettings};
+use crate::error::AppError;
+use crate::graphql::build_schema;
+use crate::http::{router, HttpState};
+use crate::runner::artifacts::ArtifactStore;
+use crate::runner::faults::{self, FaultInjectingRunner};
+use crate::runner::foundation::FoundationRunner;
+use crate::runner::StageRunner;
+use crate::runtime::{Runtime, RuntimeConfig, RuntimeHandle};
+use crate::service::Services;
+use crate::store::Store;
+use anyhow::Context as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// The profiles shipped with the binary (used when `VM_PROFILES_PATH` is not set).
+pub const SHIPPED_PROFILES: &str = include_str!("../profiles/workflow_profiles.yaml");
+
+/// Load and validate the profiles; errors name the file, the profile and the field.
+pub fn load_profiles(config: &Config) -> anyhow::Result<ProfileSet> {
+    let (text, name) = match &config.profiles_path {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read profiles file {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        None => (
+            SHIPPED_PROFILES.to_string(),
+            "profiles/workflow_profiles.yaml (built in)".to_string(),
+        ),
+    };
+    let set = ProfileSet::parse(&text, &name)?;
+    set.check_settings(&settings(config))
+        .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    Ok(set)
+}
+
+pub fn settings(config: &Config) -> ResolveSettings {
+    ResolveSettings {
+        force_foundation_fallback: config.force_foundation_fallback,
+        foundation_mode: config.foundation_mode.clone(),
+    }
+}
+
+pub async fn connect_store(config: &Config) -> anyhow::Result<Arc<Store>> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let store = Store::connect(&config.database_url(), config.db_max_connections)
+        .await
+        .map_err(AppError::into_anyhow)
+        .context("cannot connect to the database")?;
+    store
+        .migrate()
+        .await
+        .map_err(AppError::into_anyhow)
+        .context("migrations failed")?;
+    Ok(Arc::new(store))
+}
+
+fn build_runner(config: &Config) -> anyhow::Result<Arc<dyn StageRunner>> {
+    let base: Arc<dyn StageRunner> = Arc::new(FoundationRunner);
+    match config
+        .fault_injection
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        None => Ok(base),
+        Some(spec) => {
+            let plan =
+                faults::parse(spec).map_err(|e| anyhow::anyhow!("VM_FAULT_INJECTION: {e}"))?;
+            tracing::warn!(
+                ?plan,
+                "FAULT INJECTION IS ON: stages will fail, hang or slow down on purpose"
+            );
+            Ok(Arc::new(FaultInjectingRunner { inner: base, plan }))
+        }
+    }
+}
+
+pub struct Application {
+    addr: SocketAddr,
+    listener: TcpListener,
+    router: axum::Router,
+    runtime: Option<RuntimeHandle>,
+    shutdown_tx: watch::Sender<bool>,
+    feeder: tokio::task::JoinHandle<()>,
+    pub services: Arc<Services>,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        let profiles = Arc::new(load_profiles(&config)?);
+        let runner = build_runner(&config)?;
+        let store = connect_store(&config).await?;
+        let services = Arc::new(Services::new(
+            store.clone(),
+            profiles,
+            settings(&config),
+            ArtifactStore::new(&config.data_dir),
+        ));
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let bus = EventBus::new(
+            BUS_CAPACITY,
+            store.head_sequence().await.map_err(AppError::into_anyhow)?,
+        );
+        let feeder = bus.spawn_feeder(store.clone(), shutdown_rx);
+        let runtime = (config.workers > 0).then(|| {
+            Runtime::new(
+                services.clone(),
+                runner,
+                RuntimeConfig {
+                    workers: config.workers,
+                    lease_seconds: config.lease_seconds,
+                    poll_interval: Duration::from_millis(500),
+                },
+            )
+            .spawn()
+        });
+        let schema = build_schema(Some(services.clone()), Some(bus));
+        let state = HttpState {
+            schema,
+            ws_init_timeout: Duration::from_secs(config.ws_init_timeout_seconds),
+        };
+        let listener = TcpListener::bind(&config.bind)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.bind))?;
+        let addr = listener.local_addr()?;
+        Ok(Application {
+            addr,
+            listener,
+            router: router(state, config.max_body_bytes),
+            runtime,
+            shutdown_tx,
+            feeder,
+            services,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serve until `stop` resolves, then stop the runtime and the bus gracefully.
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.addr, "listening; GraphiQL at http://{}/graphql", self.addr);
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(stop)
+            .await?;
+        if let Some(rt) = self.runtime {
+            rt.shutdown().await;
+        }
+        let _ = self.shutdown_tx.send(true);
+        let _ = self.feeder.await;
+        Ok(())
+    }
+}

@@ -1,0 +1,165 @@
+//! The append-only event log.
+
+use super::entities::event;
+use super::{EventFilter, WriteTx};
+use crate::domain::events::{Actor, DomainEvent, EventMeta, StoredEvent};
+use crate::domain::{ids, time};
+use crate::error::AppError;
+use sea_orm::sea_query::{Expr, Func};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
+
+/// An event to append, with the ids it is indexed by.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub body: DomainEvent,
+    pub thread_id: Option<String>,
+    pub run_id: Option<String>,
+}
+
+impl WriteTx {
+    /// Append `events` to `stream_id`, which must be at `expected_version`.
+    /// A concurrent writer on the same stream version turns into `CONFLICT`.
+    pub async fn append(
+        &mut self,
+        stream_id: &str,
+        expected_version: i64,
+        meta: &EventMeta,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<StoredEvent>, AppError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let last: Option<Option<i64>> = event::Entity::find()
+            .select_only()
+            .column_as(
+                Expr::from(Func::max(Expr::col(event::Column::Sequence))),
+                "max_seq",
+            )
+            .into_tuple()
+            .one(self.tx())
+            .await?;
+        let mut sequence = last.flatten().unwrap_or(0);
+        let occurred_at = time::now();
+        let mut stored = Vec::with_capacity(events.len());
+        let mut models = Vec::with_capacity(events.len());
+        for (i, new) in events.into_iter().enumerate() {
+            sequence += 1;
+            let (event_type, payload) = new.body.to_parts()?;
+            let ev = StoredEvent {
+                sequence,
+                event_id: ids::generate("evt-"),
+                stream_id: stream_id.to_string(),
+                stream_version: expected_version + 1 + i as i64,
+                actor: meta.actor.clone(),
+                thread_id: new.thread_id,
+                run_id: new.run_id,
+                correlation_id: meta.correlation_id.clone(),
+                causation_id: meta.causation_id.clone(),
+                occurred_at: occurred_at.clone(),
+                body: new.body,
+            };
+            models.push(event::ActiveModel {
+                sequence: Set(ev.sequence),
+                event_id: Set(ev.event_id.clone()),
+                stream_id: Set(ev.stream_id.clone()),
+                stream_version: Set(ev.stream_version),
+                event_type: Set(event_type.to_string()),
+                actor_type: Set(ev.actor.kind.clone()),
+                actor_id: Set(ev.actor.id.clone()),
+                thread_id: Set(ev.thread_id.clone()),
+                run_id: Set(ev.run_id.clone()),
+                correlation_id: Set(ev.correlation_id.clone()),
+                causation_id: Set(ev.causation_id.clone()),
+                occurred_at: Set(ev.occurred_at.clone()),
+                payload: Set(payload.to_string()),
+            });
+            stored.push(ev);
+        }
+        event::Entity::insert_many(models)
+            .exec_without_returning(self.tx())
+            .await
+            .map_err(|e| match AppError::from(e) {
+                AppError::Conflict(_) => AppError::Conflict(format!(
+                    "stream {stream_id} changed concurrently (expected version {expected_version}); retry"
+                )),
+                other => other,
+            })?;
+        self.appended += stored.len();
+        Ok(stored)
+    }
+}
+
+fn to_stored(m: event::Model) -> Result<StoredEvent, AppError> {
+    let payload: serde_json::Value = serde_json::from_str(&m.payload)?;
+    let body = DomainEvent::from_parts(&m.event_type, payload)?;
+    Ok(StoredEvent {
+        sequence: m.sequence,
+        event_id: m.event_id,
+        stream_id: m.stream_id,
+        stream_version: m.stream_version,
+        actor: Actor {
+            kind: m.actor_type,
+            id: m.actor_id,
+        },
+        thread_id: m.thread_id,
+        run_id: m.run_id,
+        correlation_id: m.correlation_id,
+        causation_id: m.causation_id,
+        occurred_at: m.occurred_at,
+        body,
+    })
+}
+
+/// Events with `sequence > after`, in sequence order, at most `limit`.
+pub async fn read_after(
+    conn: &impl ConnectionTrait,
+    after: i64,
+    filter: &EventFilter,
+    limit: u64,
+) -> Result<Vec<StoredEvent>, AppError> {
+    let mut q = event::Entity::find().filter(event::Column::Sequence.gt(after));
+    if let Some(run) = &filter.run_id {
+        q = q.filter(event::Column::RunId.eq(run.clone()));
+    }
+    if let Some(thread) = &filter.thread_id {
+        q = q.filter(event::Column::ThreadId.eq(thread.clone()));
+    }
+    q.order_by_asc(event::Column::Sequence)
+        .limit(limit)
+        .all(conn)
+        .await?
+        .into_iter()
+        .map(to_stored)
+        .collect()
+}
+
+/// Every event of one stream, in order.
+pub async fn read_stream(
+    conn: &impl ConnectionTrait,
+    stream_id: &str,
+) -> Result<Vec<StoredEvent>, AppError> {
+    event::Entity::find()
+        .filter(event::Column::StreamId.eq(stream_id))
+        .order_by_asc(event::Column::StreamVersion)
+        .all(conn)
+        .await?
+        .into_iter()
+        .map(to_stored)
+        .collect()
+}
+
+/// The highest committed sequence (0 for an empty log).
+pub async fn head(conn: &impl ConnectionTrait) -> Result<i64, AppError> {
+    let last: Option<Option<i64>> = event::Entity::find()
+        .select_only()
+        .column_as(
+            Expr::from(Func::max(Expr::col(event::Column::Sequence))),
+            "max_seq",
+        )
+        .into_tuple()
+        .one(conn)
+        .await?;
+    Ok(last.flatten().unwrap_or(0))
+}
