@@ -216,7 +216,7 @@ impl ProfileSet {
                         let n = v
                             .as_u64()
                             .ok_or_else(|| ctx.err(&loc, "must be an integer >= 1"))?;
-                        if n < 1 || n > 100 {
+                        if !(1..=100).contains(&n) {
                             return Err(ctx.err(&loc, "must be an integer between 1 and 100"));
                         }
                         retry.max_attempts = n as u32;

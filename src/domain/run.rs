@@ -1006,7 +1006,7 @@ mod tests {
         assert!(events.is_empty() && !applied);
         assert_eq!(h.state.run.status, RunStatus::WaitingApproval);
         // A granted gate whose resume was lost (crash) does resume.
-        let mut granted = h.state.clone();
+        let granted = h.state.clone();
         let (mut evs, _) = granted.approve(None, "ana", None).expect("approve");
         evs.retain(|e| !matches!(e, DomainEvent::WorkflowRunResumed { .. }));
         let mut h2 = Harness {

@@ -3,7 +3,7 @@
 use crate::graphql::{ActorId, AppSchema};
 use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
 use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
-use axum::extract::{DefaultBodyLimit, State, WebSocketUpgrade};
+use axum::extract::{State, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -23,7 +23,9 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .route("/graphql/ws", get(graphql_ws))
         .route("/healthz", get(health))
         .route("/api/v1/health", get(health))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            max_body_bytes,
+        ))
         .with_state(state)
 }
 

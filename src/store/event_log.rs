@@ -40,12 +40,12 @@ impl WriteTx {
             .into_tuple()
             .one(self.tx())
             .await?;
-        let mut sequence = last.flatten().unwrap_or(0);
+        let first_sequence = last.flatten().unwrap_or(0) + 1;
         let occurred_at = time::now();
         let mut stored = Vec::with_capacity(events.len());
         let mut models = Vec::with_capacity(events.len());
         for (i, new) in events.into_iter().enumerate() {
-            sequence += 1;
+            let sequence = first_sequence + i as i64;
             let (event_type, payload) = new.body.to_parts()?;
             let ev = StoredEvent {
                 sequence,

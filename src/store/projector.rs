@@ -435,10 +435,8 @@ async fn apply_workspace(conn: &impl ConnectionTrait, ev: &StoredEvent) -> Resul
             let mut title = current.title.clone();
             match &ev.body {
                 DomainEvent::ThreadRenamed { title: t, .. } => title = t.clone(),
-                DomainEvent::ThreadModeAdded { mode, .. } => {
-                    if !modes.contains(mode) {
-                        modes.push(mode.clone());
-                    }
+                DomainEvent::ThreadModeAdded { mode, .. } if !modes.contains(mode) => {
+                    modes.push(mode.clone());
                 }
                 DomainEvent::ThreadModeRemoved { mode, .. } => modes.retain(|m| m != mode),
                 _ => {}

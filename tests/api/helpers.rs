@@ -1,0 +1,312 @@
+//! Test harness: the real server on port 0, a fresh database per test (SQLite file or a new
+//! Postgres database), real HTTP.
+
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use vm_workflow::config::Config;
+use vm_workflow::service::Services;
+use vm_workflow::startup::Application;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// The server for Postgres tests: `VM_TEST_DATABASE_URL`, else the local default.
+pub fn pg_admin_url() -> String {
+    std::env::var("VM_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG.to_string())
+}
+
+/// Create a fresh database and return its URL.
+pub async fn fresh_pg_database() -> String {
+    use sea_orm::{ConnectionTrait, Database};
+    let admin = pg_admin_url();
+    let name = format!("vmw_test_{}", vm_workflow::domain::ids::generate(""));
+    let db = Database::connect(&admin).await.unwrap_or_else(|e| {
+        panic!("Postgres tests need a server at {admin} (VM_TEST_DATABASE_URL): {e}")
+    });
+    db.execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    let _ = db.close().await;
+    match admin.rfind('/') {
+        Some(i) if admin[..i].ends_with(|c: char| c != '/') => format!("{}/{name}", &admin[..i]),
+        _ => format!("{admin}/{name}"),
+    }
+}
+
+pub struct Options {
+    pub backend: Backend,
+    pub fault_injection: Option<String>,
+    pub profiles_yaml: Option<String>,
+    pub force_fallback: bool,
+    pub workers: usize,
+    /// Reuse a data dir / database (restart tests).
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+}
+
+impl Options {
+    pub fn new(backend: Backend) -> Self {
+        Options {
+            backend,
+            fault_injection: None,
+            profiles_yaml: None,
+            force_fallback: true,
+            workers: 4,
+            data_dir: None,
+            database_url: None,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub url: String,
+    pub client: reqwest::Client,
+    pub services: Arc<Services>,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    _tmp: Option<tempfile::TempDir>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> TestApp {
+        Self::spawn_with(Options::new(backend)).await
+    }
+
+    pub async fn spawn_with(opts: Options) -> TestApp {
+        let (tmp, data_dir) = match opts.data_dir.clone() {
+            Some(d) => (None, d),
+            None => {
+                let t = tempfile::tempdir().expect("tempdir");
+                let d = t.path().to_path_buf();
+                (Some(t), d)
+            }
+        };
+        let database_url = match (opts.database_url.clone(), opts.backend) {
+            (Some(url), _) => url,
+            (None, Backend::Sqlite) => format!(
+                "sqlite://{}?mode=rwc",
+                data_dir.join("test.sqlite3").display()
+            ),
+            (None, Backend::Postgres) => fresh_pg_database().await,
+        };
+        let mut config = Config::for_data_dir(data_dir.clone());
+        config.database_url = Some(database_url.clone());
+        config.fault_injection = opts.fault_injection.clone();
+        config.force_foundation_fallback = opts.force_fallback;
+        config.workers = opts.workers;
+        config.lease_seconds = 5.0;
+        config.db_max_connections = 8;
+        if let Some(yaml) = &opts.profiles_yaml {
+            let path = data_dir.join("profiles.yaml");
+            std::fs::write(&path, yaml).expect("write profiles");
+            config.profiles_path = Some(path);
+        }
+        let app = Application::build(config)
+            .await
+            .expect("application builds");
+        let url = format!("http://{}", app.addr());
+        let services = app.services.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            app.run_until(async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        TestApp {
+            url,
+            client: reqwest::Client::new(),
+            services,
+            data_dir,
+            database_url,
+            _tmp: tmp,
+            stop: Some(tx),
+            server: Some(server),
+        }
+    }
+
+    /// Stop the server gracefully (runtime included) and keep the data.
+    pub async fn stop(mut self) -> (PathBuf, String, Option<tempfile::TempDir>) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(s) = self.server.take() {
+            let _ = s.await;
+        }
+        (
+            self.data_dir.clone(),
+            self.database_url.clone(),
+            self._tmp.take(),
+        )
+    }
+
+    /// POST a GraphQL request and return the whole response body.
+    pub async fn gql(&self, query: &str, variables: Value) -> Value {
+        self.client
+            .post(format!("{}/graphql", self.url))
+            .header("x-actor-id", "ana")
+            .json(&json!({ "query": query, "variables": variables }))
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("json body")
+    }
+
+    /// The `data` of a request that must succeed.
+    pub async fn data(&self, query: &str, variables: Value) -> Value {
+        let body = self.gql(query, variables).await;
+        assert!(body.get("errors").is_none(), "unexpected errors: {body}");
+        body["data"].clone()
+    }
+
+    /// The `extensions.code` of a request that must fail.
+    pub async fn error_code(&self, query: &str, variables: Value) -> String {
+        let body = self.gql(query, variables).await;
+        let err = &body["errors"][0];
+        assert!(err.is_object(), "expected an error: {body}");
+        err["extensions"]["code"]
+            .as_str()
+            .unwrap_or("<none>")
+            .to_string()
+    }
+
+    pub async fn head(&self) -> i64 {
+        self.services.store.head_sequence().await.expect("head")
+    }
+
+    /// Create a brand, a project and a thread; returns the thread id.
+    pub async fn thread(&self) -> String {
+        let b = self
+            .data(
+                "mutation { createBrand(input:{name:\"Acme\"}) { brand { id } } }",
+                json!({}),
+            )
+            .await;
+        let brand = b["createBrand"]["brand"]["id"]
+            .as_str()
+            .expect("brand")
+            .to_string();
+        let p = self
+            .data(
+                "mutation($b:ID!) { createProject(input:{brandId:$b, name:\"Launch\"}) { project { id } } }",
+                json!({ "b": brand }),
+            )
+            .await;
+        let project = p["createProject"]["project"]["id"]
+            .as_str()
+            .expect("project")
+            .to_string();
+        let t = self
+            .data(
+                "mutation($p:ID!) { createThread(input:{projectId:$p, title:\"Q1\"}) { thread { id } } }",
+                json!({ "p": project }),
+            )
+            .await;
+        t["createThread"]["thread"]["id"]
+            .as_str()
+            .expect("thread")
+            .to_string()
+    }
+
+    pub async fn start_run(&self, thread: &str, mode: &str) -> Value {
+        let d = self
+            .data(
+                "mutation($t:ID!, $m:String!) { startWorkflowRun(input:{threadId:$t, requestText:\"CRM for clinics\", mode:$m}) {
+                    run { id status requestedMode effectiveMode fallbackApplied profileVersion profileDigest } } }",
+                json!({ "t": thread, "m": mode }),
+            )
+            .await;
+        d["startWorkflowRun"]["run"].clone()
+    }
+
+    pub async fn run(&self, id: &str) -> Value {
+        let d = self.data(RUN_QUERY, json!({ "id": id })).await;
+        d["workflowRun"].clone()
+    }
+
+    /// Poll until the run's status is one of `statuses` (bounded: fails after 30 s).
+    pub async fn wait_status(&self, id: &str, statuses: &[&str]) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let run = self.run(id).await;
+            if statuses.contains(&run["status"].as_str().unwrap_or("")) {
+                return run;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run {id} never reached {statuses:?}: {run}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn approve(&self, run: &str, stage: Option<&str>) -> Value {
+        let d = self
+            .data(
+                "mutation($r:ID!, $s:String) { approveWorkflowRun(input:{runId:$r, stageKey:$s, comment:\"looks good\"}) {
+                    resumeApplied run { status } approval { id status decidedBy comment stageKey } } }",
+                json!({ "r": run, "s": stage }),
+            )
+            .await;
+        d["approveWorkflowRun"].clone()
+    }
+
+    /// Event types of a run, in order.
+    pub async fn event_types(&self, run: &str) -> Vec<String> {
+        let d = self
+            .data(
+                "query($id:ID!) { workflowRun(id:$id) { events(first:100) { edges { node { type } } } } }",
+                json!({ "id": run }),
+            )
+            .await;
+        d["workflowRun"]["events"]["edges"]
+            .as_array()
+            .expect("edges")
+            .iter()
+            .map(|e| e["node"]["type"].as_str().expect("type").to_string())
+            .collect()
+    }
+}
+
+pub const RUN_QUERY: &str = "query($id:ID!) { workflowRun(id:$id) {
+    id status requestedMode effectiveMode fallbackApplied profileVersion profileDigest currentStage
+    pendingApprovals { id stageKey status }
+    stages { key position status attempts approvalRequired errorCode errorMessage retryable
+             approval { id status decidedBy comment }
+             artifacts { path kind sha256 size content } }
+} }";
+
+/// Generate a `#[tokio::test]` per backend for an `async fn(Backend)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Sqlite).await
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Postgres).await
+                }
+            )+
+        }
+    };
+}

@@ -1,0 +1,78 @@
+use crate::helpers::{Backend, TestApp};
+use serde_json::{json, Value};
+
+async fn health_and_graphiql(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    for path in ["/healthz", "/api/v1/health"] {
+        let r = app
+            .client
+            .get(format!("{}{path}", app.url))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.json::<Value>().await.expect("json"),
+            json!({"status": "ok"})
+        );
+    }
+    let page = app
+        .client
+        .get(format!("{}/graphql", app.url))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.expect("html");
+    assert!(html.contains("graphiql") || html.contains("GraphiQL"));
+    assert!(
+        html.contains("/graphql/ws"),
+        "GraphiQL is wired to the subscription endpoint"
+    );
+    let d = app.data("{ health { status database } }", json!({})).await;
+    assert_eq!(d["health"]["status"], "ok");
+    let expected = match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    assert_eq!(d["health"]["database"], expected);
+}
+
+async fn limits_protect_the_server(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    // Too deep.
+    let mut q = String::from("{ brands { edges { node { projects { edges { node { threads { edges { node { project { brand { projects { edges { node { threads { edges { node { brand { name } } } } } } } } } } } } } } } } } } }");
+    q.push(' ');
+    let body = app.gql(&q, json!({})).await;
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .expect("msg")
+            .contains("nested too deep"),
+        "{body}"
+    );
+    // Too large a body: refused from its declared length, before it is read.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = app.url.trim_start_matches("http://").to_string();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let head = "POST /graphql HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 2097152\r\n\r\n";
+        stream.write_all(head.as_bytes()).await.expect("write");
+        let mut buf = vec![0u8; 256];
+        let n = stream.read(&mut buf).await.expect("read");
+        let response = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    }
+    // The GraphiQL introspection query passes the limits.
+    let intro = app.gql(INTROSPECTION, json!({})).await;
+    assert!(intro.get("errors").is_none(), "{intro}");
+}
+
+const INTROSPECTION: &str = "query IntrospectionQuery { __schema { queryType { name } mutationType { name } subscriptionType { name }
+  types { ...FullType } directives { name description locations args { ...InputValue } } } }
+fragment FullType on __Type { kind name description fields(includeDeprecated: true) { name description args { ...InputValue } type { ...TypeRef } isDeprecated deprecationReason }
+  inputFields { ...InputValue } interfaces { ...TypeRef } enumValues(includeDeprecated: true) { name description isDeprecated deprecationReason } possibleTypes { ...TypeRef } }
+fragment InputValue on __InputValue { name description type { ...TypeRef } defaultValue }
+fragment TypeRef on __Type { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name } } } } } } } } }";
+
+crate::both_backends!(health_and_graphiql, limits_protect_the_server);

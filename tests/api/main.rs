@@ -1,0 +1,12 @@
+//! Integration tests: one binary, the real server on port 0, SQLite and Postgres.
+
+mod helpers;
+
+mod crash;
+mod http;
+mod rebuild;
+mod runs;
+mod runtime_faults;
+mod schema;
+mod startup;
+mod workspace;

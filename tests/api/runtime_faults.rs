@@ -1,0 +1,193 @@
+use crate::helpers::{Backend, Options, TestApp};
+use serde_json::Value;
+
+const FAST_PROFILES: &str = "version: v-test
+profiles:
+  - mode: foundation_stack
+    description: fast foundation
+    stages:
+      - key: research
+        skills: [01-research/research-framework]
+        retry_policy: { max_attempts: 3, backoff_seconds: 0.05 }
+        timeout_seconds: 0.5
+      - key: brand-voice
+        skills: [03-strategy/brand-voice]
+        approval_required: true
+        retry_policy: { max_attempts: 2, backoff_seconds: 0.05 }
+        timeout_seconds: 0.5
+      - key: positioning
+        skills: [03-strategy/positioning-angles]
+        retry_policy: { max_attempts: 2, backoff_seconds: 0 }
+        timeout_seconds: 0.5
+      - key: keywords
+        skills: [03-strategy/keyword-research]
+        timeout_seconds: 5
+";
+
+async fn app_with_faults(backend: Backend, faults: &str) -> TestApp {
+    let mut opts = Options::new(backend);
+    opts.fault_injection = Some(faults.to_string());
+    opts.profiles_yaml = Some(FAST_PROFILES.to_string());
+    TestApp::spawn_with(opts).await
+}
+
+fn stage<'a>(run: &'a Value, key: &str) -> &'a Value {
+    run["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .find(|s| s["key"] == key)
+        .expect("stage")
+}
+
+async fn a_retryable_failure_is_retried(backend: Backend) {
+    let app = app_with_faults(backend, "research=fail-once").await;
+    let thread = app.thread().await;
+    let id = app.start_run(&thread, "x").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let run = app.wait_status(&id, &["WAITING_APPROVAL", "FAILED"]).await;
+    assert_eq!(run["status"], "WAITING_APPROVAL");
+    let research = stage(&run, "research");
+    assert_eq!(research["status"], "COMPLETED");
+    assert_eq!(research["attempts"], 2);
+    // Error fields describe the latest failed attempt.
+    assert_eq!(research["errorCode"], "STAGE_EXECUTION_ERROR");
+    assert_eq!(research["retryable"], true);
+    assert!(research["errorMessage"]
+        .as_str()
+        .expect("msg")
+        .contains("fail-once"));
+    let types = app.event_types(&id).await;
+    let failed = types
+        .iter()
+        .filter(|t| *t == "WorkflowRunStageFailed")
+        .count();
+    assert_eq!(failed, 1, "{types:?}");
+    // The failed attempt is recorded on disk.
+    let attempt = app
+        .data_dir
+        .join("runs")
+        .join(&id)
+        .join("stages/01-research/attempts/001.json");
+    let rec: Value = serde_json::from_str(&std::fs::read_to_string(attempt).expect("attempt file"))
+        .expect("json");
+    assert_eq!(rec["status"], "failed");
+    assert_eq!(rec["errorCode"], "STAGE_EXECUTION_ERROR");
+}
+
+async fn retries_stop_at_max_attempts_and_keep_completed_stages(backend: Backend) {
+    let app = app_with_faults(backend, "brand-voice=fail").await;
+    let thread = app.thread().await;
+    let id = app.start_run(&thread, "x").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    app.wait_status(&id, &["WAITING_APPROVAL"]).await;
+    app.approve(&id, None).await;
+    let run = app.wait_status(&id, &["FAILED"]).await;
+    let bv = stage(&run, "brand-voice");
+    assert_eq!(bv["status"], "FAILED");
+    assert_eq!(bv["attempts"], 2, "max_attempts is 2");
+    assert_eq!(bv["errorCode"], "STAGE_EXECUTION_ERROR");
+    assert_eq!(bv["retryable"], true);
+    let research = stage(&run, "research");
+    assert_eq!(research["status"], "COMPLETED");
+    assert_eq!(research["artifacts"].as_array().expect("a").len(), 1);
+    assert!(!research["artifacts"][0]["content"]
+        .as_str()
+        .expect("c")
+        .is_empty());
+    let types = app.event_types(&id).await;
+    assert_eq!(types.last().map(String::as_str), Some("WorkflowRunFailed"));
+    assert!(
+        types.contains(&"WorkflowRunStageCompleted".to_string()),
+        "timeline kept: {types:?}"
+    );
+}
+
+async fn a_fatal_failure_is_not_retried(backend: Backend) {
+    let app = app_with_faults(backend, "research=fail-fatal").await;
+    let thread = app.thread().await;
+    let id = app.start_run(&thread, "x").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let run = app.wait_status(&id, &["FAILED"]).await;
+    let research = stage(&run, "research");
+    assert_eq!(research["attempts"], 1);
+    assert_eq!(research["retryable"], false);
+    assert_eq!(research["errorCode"], "STAGE_EXECUTION_ERROR");
+}
+
+async fn a_hanging_stage_times_out(backend: Backend) {
+    let app = app_with_faults(backend, "positioning=hang").await;
+    let thread = app.thread().await;
+    let id = app.start_run(&thread, "x").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    app.wait_status(&id, &["WAITING_APPROVAL"]).await;
+    app.approve(&id, None).await;
+    let run = app.wait_status(&id, &["FAILED"]).await;
+    let p = stage(&run, "positioning");
+    assert_eq!(p["errorCode"], "STAGE_TIMEOUT");
+    assert_eq!(p["retryable"], true);
+    assert_eq!(p["attempts"], 2);
+    assert!(p["errorMessage"].as_str().expect("m").contains("timeout"));
+    assert_eq!(stage(&run, "brand-voice")["status"], "COMPLETED");
+}
+
+async fn delayed_stages_still_complete(backend: Backend) {
+    let app = app_with_faults(backend, "research=delay-100").await;
+    let thread = app.thread().await;
+    let id = app.start_run(&thread, "x").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let run = app.wait_status(&id, &["WAITING_APPROVAL"]).await;
+    assert_eq!(stage(&run, "research")["attempts"], 1);
+    assert_eq!(stage(&run, "research")["errorCode"], Value::Null);
+}
+
+async fn cancel_abandons_an_attempt_in_flight(backend: Backend) {
+    let app = app_with_faults(backend, "research=delay-1500").await;
+    let thread = app.thread().await;
+    let id = app.start_run(&thread, "x").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    // Wait until the attempt is in flight.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stage(&app.run(&id).await, "research")["status"] != "RUNNING" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "research never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    app.data(
+        "mutation($r:ID!) { cancelWorkflowRun(input:{runId:$r}) { run { status } } }",
+        serde_json::json!({"r": id}),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let run = app.run(&id).await;
+    assert_eq!(run["status"], "CANCELED");
+    assert_eq!(stage(&run, "research")["status"], "CANCELED");
+    let types = app.event_types(&id).await;
+    assert!(
+        !types.contains(&"WorkflowRunStageCompleted".to_string()),
+        "result discarded: {types:?}"
+    );
+}
+
+crate::both_backends!(
+    a_retryable_failure_is_retried,
+    retries_stop_at_max_attempts_and_keep_completed_stages,
+    a_fatal_failure_is_not_retried,
+    a_hanging_stage_times_out,
+    delayed_stages_still_complete,
+    cancel_abandons_an_attempt_in_flight,
+);
