@@ -45,6 +45,12 @@ pub struct Config {
     /// Seconds a WebSocket client has to send `connection_init`.
     #[arg(long, env = "VM_WS_INIT_TIMEOUT_SECONDS", default_value_t = 10)]
     pub ws_init_timeout_seconds: u64,
+    /// Seconds between server pings on an idle WebSocket (`ping` / legacy `ka`).
+    #[arg(long, env = "VM_WS_PING_INTERVAL_SECONDS", default_value_t = 15)]
+    pub ws_ping_interval_seconds: u64,
+    /// Active subscriptions allowed on one WebSocket connection.
+    #[arg(long, env = "VM_WS_MAX_OPERATIONS", default_value_t = 100)]
+    pub ws_max_operations: usize,
     /// Largest accepted request body.
     #[arg(long, env = "VM_MAX_BODY_BYTES", default_value_t = 1_048_576)]
     pub max_body_bytes: usize,
@@ -80,6 +86,8 @@ impl Config {
             lease_seconds: 30.0,
             fault_injection: None,
             ws_init_timeout_seconds: 10,
+            ws_ping_interval_seconds: 15,
+            ws_max_operations: 100,
             max_body_bytes: 1_048_576,
             db_max_connections: 16,
             log_format: LogFormat::Text,

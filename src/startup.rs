@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::domain::profiles::{ProfileSet, ResolveSettings};
 use crate::error::AppError;
 use crate::graphql::build_schema;
-use crate::http::{router, HttpState};
+use crate::http::{router, HttpState, WsSettings};
 use crate::runner::artifacts::ArtifactStore;
 use crate::runner::faults::{self, FaultInjectingRunner};
 use crate::runner::foundation::FoundationRunner;
@@ -127,7 +127,11 @@ impl Application {
         let schema = build_schema(Some(services.clone()), Some(bus));
         let state = HttpState {
             schema,
-            ws_init_timeout: Duration::from_secs(config.ws_init_timeout_seconds),
+            ws: WsSettings {
+                init_timeout: Duration::from_secs(config.ws_init_timeout_seconds),
+                ping_interval: Duration::from_secs(config.ws_ping_interval_seconds.max(1)),
+                max_operations: config.ws_max_operations.max(1),
+            },
         };
         let listener = TcpListener::bind(&config.bind)
             .await

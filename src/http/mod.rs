@@ -1,20 +1,23 @@
 //! The axum router: GraphQL over HTTP and WebSocket, GraphiQL, health.
 
 use crate::graphql::{ActorId, AppSchema};
+use async_graphql::http::WebSocketProtocols;
 use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
-use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
+use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
 use axum::extract::{State, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
-use std::time::Duration;
+
+mod ws;
+pub use ws::WsSettings;
 
 #[derive(Clone)]
 pub struct HttpState {
     pub schema: AppSchema,
-    pub ws_init_timeout: Duration,
+    pub ws: WsSettings,
 }
 
 pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
@@ -61,22 +64,32 @@ async fn graphiql() -> impl IntoResponse {
 async fn graphql_ws(
     State(state): State<HttpState>,
     headers: HeaderMap,
-    protocol: GraphQLProtocol,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    let Some(protocol) = ws_protocol(&headers) else {
+        let msg = "expected Sec-WebSocket-Protocol graphql-transport-ws or graphql-ws";
+        return (axum::http::StatusCode::BAD_REQUEST, msg).into_response();
+    };
     let actor = actor_from(&headers);
     let schema = state.schema.clone();
+    let settings = state.ws.clone();
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
             let mut data = async_graphql::Data::default();
             data.insert(actor);
-            GraphQLWebSocket::new(socket, schema, protocol)
-                .with_data(data)
-                .keepalive_timeout(Some(Duration::from_secs(30)))
-                .serve()
-                .await
+            ws::serve(socket, schema, protocol, data, settings).await
         })
+}
+
+/// The first subprotocol the client offers that we speak.
+fn ws_protocol(headers: &HeaderMap) -> Option<WebSocketProtocols> {
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().parse().ok())
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -49,6 +49,9 @@ pub struct Options {
     /// Reuse a data dir / database (restart tests).
     pub data_dir: Option<PathBuf>,
     pub database_url: Option<String>,
+    pub ws_init_timeout_seconds: u64,
+    pub ws_ping_interval_seconds: u64,
+    pub ws_max_operations: usize,
 }
 
 impl Options {
@@ -61,6 +64,9 @@ impl Options {
             workers: 4,
             data_dir: None,
             database_url: None,
+            ws_init_timeout_seconds: 10,
+            ws_ping_interval_seconds: 15,
+            ws_max_operations: 100,
         }
     }
 }
@@ -105,6 +111,9 @@ impl TestApp {
         config.workers = opts.workers;
         config.lease_seconds = 5.0;
         config.db_max_connections = 8;
+        config.ws_init_timeout_seconds = opts.ws_init_timeout_seconds;
+        config.ws_ping_interval_seconds = opts.ws_ping_interval_seconds;
+        config.ws_max_operations = opts.ws_max_operations;
         if let Some(yaml) = &opts.profiles_yaml {
             let path = data_dir.join("profiles.yaml");
             std::fs::write(&path, yaml).expect("write profiles");
@@ -135,6 +144,20 @@ impl TestApp {
         }
     }
 
+    /// A second handle on a running app (for tasks that drive it concurrently); stops nothing.
+    pub fn attach(url: String, services: Arc<Services>) -> TestApp {
+        TestApp {
+            url,
+            client: reqwest::Client::new(),
+            services,
+            data_dir: PathBuf::new(),
+            database_url: String::new(),
+            _tmp: None,
+            stop: None,
+            server: None,
+        }
+    }
+
     /// Stop the server gracefully (runtime included) and keep the data.
     pub async fn stop(mut self) -> (PathBuf, String, Option<tempfile::TempDir>) {
         if let Some(tx) = self.stop.take() {
@@ -148,6 +171,11 @@ impl TestApp {
             self.database_url.clone(),
             self._tmp.take(),
         )
+    }
+
+    /// The subscription endpoint.
+    pub fn ws_url(&self) -> String {
+        format!("{}/graphql/ws", self.url.replacen("http://", "ws://", 1))
     }
 
     /// POST a GraphQL request and return the whole response body.
@@ -261,6 +289,25 @@ impl TestApp {
             )
             .await;
         d["approveWorkflowRun"].clone()
+    }
+
+    /// Approve each gate as the run reaches it, until it is `COMPLETED`; returns the run.
+    pub async fn approve_until_done(&self, run: &str) -> Value {
+        loop {
+            let r = self
+                .wait_status(
+                    run,
+                    &["WAITING_APPROVAL", "COMPLETED", "FAILED", "CANCELED"],
+                )
+                .await;
+            match r["status"].as_str() {
+                Some("WAITING_APPROVAL") => {
+                    self.approve(run, None).await;
+                }
+                Some("COMPLETED") => return r,
+                _ => panic!("run {run} ended badly: {r}"),
+            }
+        }
     }
 
     /// Event types of a run, in order.

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, the real server on port 0, SQLite and Postgres.
 
 mod helpers;
+mod ws_client;
 
 mod crash;
 mod http;
@@ -9,4 +10,5 @@ mod runs;
 mod runtime_faults;
 mod schema;
 mod startup;
+mod subscriptions;
 mod workspace;

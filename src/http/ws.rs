@@ -1,0 +1,182 @@
+//! One GraphQL WebSocket connection. async-graphql speaks both protocols (`graphql-transport-ws`
+//! and the legacy `graphql-ws`); around it we add what a long-lived public endpoint needs:
+//! a `connection_init` deadline (close 4408), server pings on every connection (`ping`, or `ka` on
+//! the legacy protocol), and a bound on the operations active at once on one connection.
+
+use crate::graphql::AppSchema;
+use async_graphql::http::{WebSocketProtocols, WsMessage};
+use async_graphql::Data;
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures::{future, SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Close code for a missing `connection_init` (graphql-transport-ws).
+pub const CLOSE_INIT_TIMEOUT: u16 = 4408;
+/// Close code for a second operation under an id already in use (graphql-transport-ws).
+pub const CLOSE_DUPLICATE_ID: u16 = 4409;
+/// `extensions.code` of an operation refused because the connection has too many.
+pub const TOO_MANY_OPERATIONS: &str = "TOO_MANY_OPERATIONS";
+
+#[derive(Debug, Clone)]
+pub struct WsSettings {
+    pub init_timeout: Duration,
+    pub ping_interval: Duration,
+    pub max_operations: usize,
+}
+
+/// What the connection knows about the client's messages, shared by the reading and writing side.
+#[derive(Default)]
+struct Tracker {
+    initialised: bool,
+    active: HashSet<String>,
+}
+
+/// Serve one upgraded socket until either side closes it.
+pub async fn serve(
+    socket: WebSocket,
+    schema: AppSchema,
+    protocol: WebSocketProtocols,
+    data: Data,
+    settings: WsSettings,
+) {
+    let legacy = matches!(protocol, WebSocketProtocols::SubscriptionsTransportWS);
+    let (mut sink, source) = socket.split();
+    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    // Answers to refused client messages, sent by the writing loop below.
+    let (refusals_tx, mut refusals) = mpsc::unbounded_channel::<Message>();
+
+    let input = {
+        let tracker = tracker.clone();
+        let max = settings.max_operations;
+        source
+            .take_while(|m| future::ready(m.is_ok()))
+            .filter_map(move |m| {
+                let admitted = match m {
+                    Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                        let bytes = msg.into_data();
+                        match admit(&tracker, &bytes, legacy, max) {
+                            Ok(()) => Some(bytes),
+                            Err(refusal) => {
+                                let _ = refusals_tx.send(refusal);
+                                None
+                            }
+                        }
+                    }
+                    _ => None,
+                };
+                future::ready(admitted)
+            })
+    };
+
+    let graphql =
+        async_graphql::http::WebSocket::new(schema, input, protocol).connection_data(data);
+    tokio::pin!(graphql);
+    let init_deadline = tokio::time::sleep(settings.init_timeout);
+    tokio::pin!(init_deadline);
+    let start = tokio::time::Instant::now() + settings.ping_interval;
+    let mut pings = tokio::time::interval_at(start, settings.ping_interval);
+
+    loop {
+        let initialised = lock(&tracker).initialised;
+        let out = tokio::select! {
+            out = graphql.next() => match out {
+                None => break,
+                Some(WsMessage::Text(text)) => {
+                    note_server_message(&tracker, &text);
+                    Message::Text(text.into())
+                }
+                Some(WsMessage::Close(code, reason)) => close(code, &reason),
+            },
+            Some(refusal) = refusals.recv() => refusal,
+            _ = &mut init_deadline, if !initialised => {
+                close(CLOSE_INIT_TIMEOUT, "Connection initialisation timeout")
+            }
+            _ = pings.tick() => {
+                if !initialised {
+                    continue;
+                }
+                let kind = if legacy { "ka" } else { "ping" };
+                Message::Text(json!({ "type": kind }).to_string().into())
+            }
+        };
+        let closing = matches!(out, Message::Close(_));
+        if sink.send(out).await.is_err() || closing {
+            break;
+        }
+    }
+}
+
+fn lock(tracker: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
+    tracker
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn close(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.to_string().into(),
+    }))
+}
+
+/// Decide whether a client message goes on to async-graphql; `Err` carries the answer instead.
+fn admit(tracker: &Mutex<Tracker>, bytes: &[u8], legacy: bool, max: usize) -> Result<(), Message> {
+    let Ok(Value::Object(msg)) = serde_json::from_slice::<Value>(bytes) else {
+        return Ok(()); // malformed: async-graphql closes the connection with its protocol error
+    };
+    let kind = msg.get("type").and_then(Value::as_str).unwrap_or("");
+    let id = msg.get("id").and_then(Value::as_str).map(str::to_string);
+    let mut t = lock(tracker);
+    match (kind, id) {
+        ("connection_init", _) => t.initialised = true,
+        ("subscribe" | "start", Some(id)) => {
+            if t.active.contains(&id) {
+                if !legacy {
+                    return Err(close(
+                        CLOSE_DUPLICATE_ID,
+                        &format!("Subscriber for {id} already exists"),
+                    ));
+                }
+            } else if t.active.len() >= max {
+                return Err(refuse(&id, legacy, max));
+            } else {
+                t.active.insert(id);
+            }
+        }
+        ("complete" | "stop", Some(id)) => {
+            t.active.remove(&id);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The error message for an operation over the per-connection bound.
+fn refuse(id: &str, legacy: bool, max: usize) -> Message {
+    let error = json!({
+        "message": format!("too many operations on this connection (at most {max})"),
+        "extensions": { "code": TOO_MANY_OPERATIONS },
+    });
+    let payload = if legacy { error } else { json!([error]) };
+    Message::Text(
+        json!({ "type": "error", "id": id, "payload": payload })
+            .to_string()
+            .into(),
+    )
+}
+
+/// An operation the server ends (`complete`, or `error`) no longer counts against the bound.
+fn note_server_message(tracker: &Mutex<Tracker>, text: &str) {
+    if !(text.starts_with(r#"{"type":"complete""#) || text.starts_with(r#"{"type":"error""#)) {
+        return;
+    }
+    if let Ok(msg) = serde_json::from_str::<Value>(text) {
+        if let Some(id) = msg.get("id").and_then(Value::as_str) {
+            lock(tracker).active.remove(id);
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! Subscriptions: cursor semantics at the schema level (`execute_stream`, the seam between catch-up
+//! and live, a forced lag), then over real WebSockets in both protocols, across reconnects and
+//! across two server processes sharing one Postgres.
+
+use crate::helpers::{Backend, Options, TestApp};
+use crate::ws_client::{Incoming, Protocol, WsClient};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::time::Duration;
+use vm_workflow::bus::EventBus;
+use vm_workflow::graphql::{build_schema, AppSchema};
+use vm_workflow::store::EventFilter;
+
+const STATUS_SUB: &str = "subscription($t: ID, $r: ID, $a: Int) {
+    workflowRunStatusChanged(threadId: $t, runId: $r, afterSequence: $a) {
+        sequence runId fromStatus toStatus stageKey occurredAt run { id status } } }";
+
+const EVENTS_SUB: &str = "subscription($r: ID!, $a: Int) {
+    workflowRunEvents(runId: $r, afterSequence: $a) { sequence type runId payload } }";
+
+/// One transition as a subscriber saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    sequence: i64,
+    run: String,
+    from: String,
+    to: String,
+    stage: Option<String>,
+}
+
+fn seen(item: &Value) -> Seen {
+    let c = &item["workflowRunStatusChanged"];
+    Seen {
+        sequence: c["sequence"].as_i64().expect("sequence"),
+        run: c["runId"].as_str().expect("runId").to_string(),
+        from: c["fromStatus"].as_str().expect("from").to_string(),
+        to: c["toStatus"].as_str().expect("to").to_string(),
+        stage: c["stageKey"].as_str().map(str::to_string),
+    }
+}
+
+/// The full life of a Foundation run with three gates, as (from, to, stage of the gate).
+fn foundation_life() -> Vec<(&'static str, &'static str, Option<&'static str>)> {
+    vec![
+        ("QUEUED", "RUNNING", None),
+        ("RUNNING", "WAITING_APPROVAL", Some("brand-voice")),
+        ("WAITING_APPROVAL", "RUNNING", Some("brand-voice")),
+        ("RUNNING", "WAITING_APPROVAL", Some("positioning")),
+        ("WAITING_APPROVAL", "RUNNING", Some("positioning")),
+        ("RUNNING", "WAITING_APPROVAL", Some("keywords")),
+        ("WAITING_APPROVAL", "RUNNING", Some("keywords")),
+        ("RUNNING", "COMPLETED", None),
+    ]
+}
+
+fn assert_life(got: &[Seen]) {
+    let pairs: Vec<(&str, &str)> = got
+        .iter()
+        .map(|s| (s.from.as_str(), s.to.as_str()))
+        .collect();
+    let want: Vec<(&str, &str)> = foundation_life().iter().map(|(f, t, _)| (*f, *t)).collect();
+    assert_eq!(pairs, want, "transitions: {got:#?}");
+    let gates: Vec<Option<&str>> = got
+        .iter()
+        .filter(|s| s.to == "WAITING_APPROVAL")
+        .map(|s| s.stage.as_deref())
+        .collect();
+    assert_eq!(
+        gates,
+        vec![Some("brand-voice"), Some("positioning"), Some("keywords")]
+    );
+    assert_strictly_increasing(got);
+}
+
+fn assert_strictly_increasing(got: &[Seen]) {
+    for w in got.windows(2) {
+        assert!(
+            w[0].sequence < w[1].sequence,
+            "sequence must increase: {got:#?}"
+        );
+    }
+}
+
+/// The status changes the log holds after `after`, for a thread: what a subscriber must get.
+async fn logged_transitions(app: &TestApp, thread: &str, after: i64) -> Vec<i64> {
+    let filter = EventFilter {
+        run_id: None,
+        thread_id: Some(thread.to_string()),
+    };
+    app.services
+        .store
+        .read_events(after, &filter, 100_000)
+        .await
+        .expect("read log")
+        .into_iter()
+        .filter(|e| e.body.status_transition().is_some())
+        .map(|e| e.sequence)
+        .collect()
+}
+
+/// A schema of our own over the app's services, with a bus of the given capacity.
+fn own_schema(
+    app: &TestApp,
+    capacity: usize,
+    head: i64,
+) -> (AppSchema, tokio::sync::watch::Sender<bool>) {
+    let bus = EventBus::new(capacity, head);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    bus.spawn_feeder(app.services.store.clone(), stop_rx);
+    (build_schema(Some(app.services.clone()), Some(bus)), stop_tx)
+}
+
+fn request(query: &str, vars: Value) -> async_graphql::Request {
+    async_graphql::Request::new(query).variables(async_graphql::Variables::from_json(vars))
+}
+
+async fn next_item<S>(stream: &mut S) -> Value
+where
+    S: futures::Stream<Item = async_graphql::Response> + Unpin,
+{
+    let resp = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("an item within 30 s")
+        .expect("stream open");
+    assert!(resp.errors.is_empty(), "errors: {:?}", resp.errors);
+    resp.data.into_json().expect("json")
+}
+
+/// Catch-up from the log while other runs commit: the items cross from the log to the live bus
+/// with no gap and no duplicate, exactly the logged transitions after the cursor.
+async fn schema_cursor_crosses_the_seam(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let thread = app.thread().await;
+    let first = app.start_run(&thread, "content_calendar").await;
+    let first = first["id"].as_str().expect("id").to_string();
+    app.wait_status(&first, &["WAITING_APPROVAL"]).await;
+    let cursor = app.head().await;
+    app.approve_until_done(&first).await;
+
+    let (schema, _stop) = own_schema(&app, 4096, app.head().await);
+    // Writers commit while the subscriber reads its catch-up, so the seam is crossed live.
+    let writer = {
+        let url = app.url.clone();
+        let thread = thread.clone();
+        let services = app.services.clone();
+        tokio::spawn(async move {
+            let app = TestApp::attach(url, services);
+            let mut ids = Vec::new();
+            for _ in 0..3 {
+                let run = app.start_run(&thread, "content_calendar").await;
+                ids.push(run["id"].as_str().expect("id").to_string());
+            }
+            for id in &ids {
+                app.approve_until_done(id).await;
+            }
+            ids
+        })
+    };
+    let mut stream =
+        schema.execute_stream(request(STATUS_SUB, json!({ "t": thread, "a": cursor })));
+    let mut got = Vec::new();
+    let mut completed = 0;
+    // Run 1 completes after the cursor too: 1 + 3 runs end with COMPLETED.
+    while completed < 4 {
+        let s = seen(&next_item(&mut stream).await);
+        if s.to == "COMPLETED" {
+            completed += 1;
+        }
+        got.push(s);
+    }
+    writer.await.expect("writer");
+    let want = logged_transitions(&app, &thread, cursor).await;
+    let sequences: Vec<i64> = got.iter().map(|s| s.sequence).collect();
+    assert_eq!(sequences, want, "exactly the logged transitions, in order");
+    assert_eq!(
+        sequences.len(),
+        6 + 3 * 8,
+        "first run's rest and three full runs"
+    );
+}
+
+/// A subscriber that does not read while far more events are published than the bus holds
+/// recovers them from the log: every transition, in order, once.
+async fn schema_lagging_subscriber_recovers(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let thread = app.thread().await;
+    let (schema, _stop) = own_schema(&app, 2, app.head().await);
+    let cursor = app.head().await;
+    let mut stream =
+        schema.execute_stream(request(STATUS_SUB, json!({ "t": thread, "a": cursor })));
+    // Poll once so the subscription is registered on the bus, then stop reading.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), stream.next())
+            .await
+            .is_err(),
+        "nothing to deliver yet"
+    );
+    let run = app.start_run(&thread, "content_calendar").await;
+    let run = run["id"].as_str().expect("id").to_string();
+    app.approve_until_done(&run).await;
+    let mut got = Vec::new();
+    for _ in 0..foundation_life().len() {
+        got.push(seen(&next_item(&mut stream).await));
+    }
+    assert_life(&got);
+    let want = logged_transitions(&app, &thread, cursor).await;
+    assert_eq!(got.iter().map(|s| s.sequence).collect::<Vec<_>>(), want);
+}
+
+/// Subscribe, start a run, approve each gate when the subscriber sees it waiting: exactly the
+/// run's life, in order.
+async fn drive_over_ws(app: &TestApp, protocol: Protocol) -> Vec<Seen> {
+    let thread = app.thread().await;
+    let mut ws = WsClient::connect_init(&app.ws_url(), protocol).await;
+    let cursor = app.head().await;
+    ws.subscribe("s1", STATUS_SUB, json!({ "t": thread, "a": cursor }))
+        .await;
+    let run = app.start_run(&thread, "content_calendar").await;
+    let run = run["id"].as_str().expect("id").to_string();
+    let mut got = Vec::new();
+    loop {
+        let s = seen(&ws.next_data("s1").await);
+        assert_eq!(s.run, run);
+        if s.to == "WAITING_APPROVAL" {
+            app.approve(&run, None).await;
+        }
+        let done = s.to == "COMPLETED";
+        got.push(s);
+        if done {
+            break;
+        }
+    }
+    ws.close().await;
+    got
+}
+
+async fn ws_transport_protocol_streams_the_run(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let got = drive_over_ws(&app, Protocol::Transport).await;
+    assert_life(&got);
+}
+
+async fn ws_legacy_protocol_streams_the_run(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let got = drive_over_ws(&app, Protocol::Legacy).await;
+    assert_life(&got);
+}
+
+/// Disconnect midway, let the run move on, resubscribe with the last sequence seen: exactly the
+/// rest arrives.
+async fn ws_resubscribe_with_last_sequence(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let thread = app.thread().await;
+    let cursor = app.head().await;
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    ws.subscribe("a", STATUS_SUB, json!({ "t": thread, "a": cursor }))
+        .await;
+    let run = app.start_run(&thread, "content_calendar").await;
+    let run = run["id"].as_str().expect("id").to_string();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.push(seen(&ws.next_data("a").await));
+    }
+    ws.close().await;
+    // While nobody listens: approve the first gate and wait for the second.
+    app.approve(&run, None).await;
+    loop {
+        let r = app.run(&run).await;
+        if r["pendingApprovals"][0]["stageKey"] == "positioning" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let last = got.last().expect("seen").sequence;
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    ws.subscribe("b", STATUS_SUB, json!({ "r": run, "a": last }))
+        .await;
+    loop {
+        let s = seen(&ws.next_data("b").await);
+        if s.to == "WAITING_APPROVAL" && s.stage.as_deref() != Some("brand-voice") {
+            app.approve(&run, None).await;
+        }
+        let done = s.to == "COMPLETED";
+        got.push(s);
+        if done {
+            break;
+        }
+    }
+    assert_life(&got);
+    let want = logged_transitions(&app, &thread, cursor).await;
+    assert_eq!(got.iter().map(|s| s.sequence).collect::<Vec<_>>(), want);
+}
+
+/// Without a cursor: live events only, none from before the subscription, none missed after the
+/// first one delivered; the run's event stream carries the envelope and payload.
+async fn ws_live_only_without_cursor(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let thread = app.thread().await;
+    let run = app.start_run(&thread, "content_calendar").await;
+    let run = run["id"].as_str().expect("id").to_string();
+    app.wait_status(&run, &["WAITING_APPROVAL"]).await;
+    let before = app.head().await;
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    ws.subscribe("e", EVENTS_SUB, json!({ "r": run })).await;
+    // Give the server a moment to register the subscription, then keep approving until the run
+    // completes; whatever was delivered must be a gap-free tail of the log.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let driver = {
+        let app = TestApp::attach(app.url.clone(), app.services.clone());
+        let run = run.clone();
+        tokio::spawn(async move { app.approve_until_done(&run).await })
+    };
+    let mut got: Vec<(i64, String)> = Vec::new();
+    loop {
+        let d = ws.next_data("e").await;
+        let e = &d["workflowRunEvents"];
+        assert_eq!(e["runId"], json!(run));
+        assert!(e["payload"].is_object(), "payload: {e}");
+        let ty = e["type"].as_str().expect("type").to_string();
+        got.push((e["sequence"].as_i64().expect("seq"), ty.clone()));
+        if ty == "WorkflowRunCompleted" {
+            break;
+        }
+    }
+    driver.await.expect("driver");
+    assert!(got[0].0 > before, "no event from before the subscription");
+    let filter = EventFilter {
+        run_id: Some(run.clone()),
+        thread_id: None,
+    };
+    let log: Vec<i64> = app
+        .services
+        .store
+        .read_events(got[0].0 - 1, &filter, 10_000)
+        .await
+        .expect("log")
+        .iter()
+        .map(|e| e.sequence)
+        .collect();
+    assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), log);
+}
+
+/// Bad subscription arguments get a clear error with a code, over the socket.
+async fn ws_bad_arguments_are_refused(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    ws.subscribe("x", STATUS_SUB, json!({})).await;
+    ws.subscribe("y", EVENTS_SUB, json!({ "r": "r1", "a": -1 }))
+        .await;
+    let mut refused = Vec::new();
+    while refused.len() < 2 {
+        let (id, code) = match ws.recv().await {
+            Incoming::Error { id, payload } => (id, payload[0]["extensions"]["code"].clone()),
+            Incoming::Data { id, data } => (id, data["errors"][0]["extensions"]["code"].clone()),
+            Incoming::Complete { .. } => continue,
+            other => panic!("expected an error, got {other:?}"),
+        };
+        assert_eq!(code, "VALIDATION", "operation {id}");
+        refused.push(id);
+    }
+    refused.sort();
+    assert_eq!(refused, ["x", "y"]);
+}
+
+crate::both_backends!(
+    schema_cursor_crosses_the_seam,
+    schema_lagging_subscriber_recovers,
+    ws_transport_protocol_streams_the_run,
+    ws_legacy_protocol_streams_the_run,
+    ws_resubscribe_with_last_sequence,
+    ws_live_only_without_cursor,
+    ws_bad_arguments_are_refused,
+);
+
+/// The connection rules do not depend on the backend: SQLite only.
+fn sqlite_with(f: impl FnOnce(&mut Options)) -> Options {
+    let mut o = Options::new(Backend::Sqlite);
+    f(&mut o);
+    o
+}
+
+#[tokio::test]
+async fn ws_without_connection_init_closes_4408() {
+    let app = TestApp::spawn_with(sqlite_with(|o| o.ws_init_timeout_seconds = 1)).await;
+    for protocol in [Protocol::Transport, Protocol::Legacy] {
+        let mut ws = WsClient::connect(&app.ws_url(), protocol).await;
+        match ws.recv().await {
+            Incoming::Closed { code, reason } => {
+                assert_eq!(code, Some(4408), "{protocol:?}");
+                assert!(reason.contains("initialisation"), "{reason}");
+            }
+            other => panic!("expected close 4408, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn ws_server_pings_idle_connections() {
+    let app = TestApp::spawn_with(sqlite_with(|o| o.ws_ping_interval_seconds = 1)).await;
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    for _ in 0..2 {
+        match ws.recv().await {
+            Incoming::Ping => ws.send(json!({ "type": "pong" })).await,
+            other => panic!("expected ping, got {other:?}"),
+        }
+    }
+    let mut legacy = WsClient::connect_init(&app.ws_url(), Protocol::Legacy).await;
+    match legacy.recv().await {
+        Incoming::KeepAlive => {}
+        other => panic!("expected ka, got {other:?}"),
+    }
+    // Still usable after the pings.
+    let thread = app.thread().await;
+    let run = app.start_run(&thread, "content_calendar").await;
+    ws.subscribe("e", EVENTS_SUB, json!({ "r": run["id"], "a": 0 }))
+        .await;
+    let d = ws.next_data("e").await;
+    assert_eq!(d["workflowRunEvents"]["type"], "WorkflowRunQueued");
+}
+
+#[tokio::test]
+async fn ws_bounds_operations_per_connection() {
+    let app = TestApp::spawn_with(sqlite_with(|o| o.ws_max_operations = 2)).await;
+    let thread = app.thread().await;
+    let run = app.start_run(&thread, "content_calendar").await;
+    let vars = json!({ "r": run["id"], "a": 0 });
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    ws.subscribe("1", EVENTS_SUB, vars.clone()).await;
+    ws.next_data("1").await;
+    ws.subscribe("2", EVENTS_SUB, vars.clone()).await;
+    // Operation 3 is refused with a code; 1 and 2 go on.
+    ws.subscribe("3", EVENTS_SUB, vars.clone()).await;
+    loop {
+        match ws.recv().await {
+            Incoming::Error { id, payload } => {
+                assert_eq!(id, "3");
+                assert_eq!(payload[0]["extensions"]["code"], "TOO_MANY_OPERATIONS");
+                break;
+            }
+            Incoming::Data { id, .. } => assert!(id == "1" || id == "2", "data for {id}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Ending one makes room for another.
+    ws.stop("1").await;
+    ws.subscribe("4", EVENTS_SUB, vars.clone()).await;
+    loop {
+        match ws.recv().await {
+            Incoming::Data { id, .. } if id == "4" => break,
+            Incoming::Data { id, .. } | Incoming::Complete { id } => {
+                assert!(id == "1" || id == "2", "unexpected message for {id}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Reusing an active id closes the connection (graphql-transport-ws: 4409).
+    ws.subscribe("2", EVENTS_SUB, vars).await;
+    loop {
+        match ws.recv().await {
+            Incoming::Closed { code, .. } => {
+                assert_eq!(code, Some(4409));
+                break;
+            }
+            Incoming::Data { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn ws_without_a_known_protocol_is_refused() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let resp = app
+        .client
+        .get(app.ws_url().replacen("ws://", "http://", 1))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-protocol", "chat")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 400);
+}
+
+/// Two server processes on one Postgres database: the run executes on A (B has no workers), and
+/// a subscriber on B sees every transition, woken by LISTEN/NOTIFY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_subscriber_on_one_instance_sees_runs_of_another() {
+    let a = TestApp::spawn(Backend::Postgres).await;
+    let mut ob = Options::new(Backend::Postgres);
+    ob.database_url = Some(a.database_url.clone());
+    ob.workers = 0;
+    let b = TestApp::spawn_with(ob).await;
+    let thread = b.thread().await;
+    let mut ws = WsClient::connect_init(&b.ws_url(), Protocol::Transport).await;
+    ws.subscribe("s", STATUS_SUB, json!({ "t": thread, "a": b.head().await }))
+        .await;
+    let run = b.start_run(&thread, "content_calendar").await;
+    let run = run["id"].as_str().expect("id").to_string();
+    let mut got = Vec::new();
+    loop {
+        let s = seen(&ws.next_data("s").await);
+        if s.to == "WAITING_APPROVAL" {
+            a.approve(&run, None).await;
+        }
+        let done = s.to == "COMPLETED";
+        got.push(s);
+        if done {
+            break;
+        }
+    }
+    assert_life(&got);
+    // Every stage ran on A: B has no runtime at all.
+    let events = a.event_types(&run).await;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|t| *t == "WorkflowRunStageCompleted")
+            .count(),
+        4
+    );
+}
