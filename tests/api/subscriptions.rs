@@ -207,6 +207,29 @@ async fn schema_lagging_subscriber_recovers(backend: Backend) {
     assert_eq!(got.iter().map(|s| s.sequence).collect::<Vec<_>>(), want);
 }
 
+/// Read transitions of operation `op` until the run completes, approving each gate (through
+/// `approver`) when the subscriber sees the run wait at it.
+async fn follow_to_completion(
+    ws: &mut WsClient,
+    op: &str,
+    approver: &TestApp,
+    run: &str,
+) -> Vec<Seen> {
+    let mut got = Vec::new();
+    loop {
+        let s = seen(&ws.next_data(op).await);
+        assert_eq!(s.run, run);
+        if s.to == "WAITING_APPROVAL" {
+            approver.approve(run, None).await;
+        }
+        let done = s.to == "COMPLETED";
+        got.push(s);
+        if done {
+            return got;
+        }
+    }
+}
+
 /// Subscribe, start a run, approve each gate when the subscriber sees it waiting: exactly the
 /// run's life, in order.
 async fn drive_over_ws(app: &TestApp, protocol: Protocol) -> Vec<Seen> {
@@ -217,19 +240,7 @@ async fn drive_over_ws(app: &TestApp, protocol: Protocol) -> Vec<Seen> {
         .await;
     let run = app.start_run(&thread, "content_calendar").await;
     let run = run["id"].as_str().expect("id").to_string();
-    let mut got = Vec::new();
-    loop {
-        let s = seen(&ws.next_data("s1").await);
-        assert_eq!(s.run, run);
-        if s.to == "WAITING_APPROVAL" {
-            app.approve(&run, None).await;
-        }
-        let done = s.to == "COMPLETED";
-        got.push(s);
-        if done {
-            break;
-        }
-    }
+    let got = follow_to_completion(&mut ws, "s1", app, &run).await;
     ws.close().await;
     got
 }
@@ -275,17 +286,7 @@ async fn ws_resubscribe_with_last_sequence(backend: Backend) {
     let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
     ws.subscribe("b", STATUS_SUB, json!({ "r": run, "a": last }))
         .await;
-    loop {
-        let s = seen(&ws.next_data("b").await);
-        if s.to == "WAITING_APPROVAL" && s.stage.as_deref() != Some("brand-voice") {
-            app.approve(&run, None).await;
-        }
-        let done = s.to == "COMPLETED";
-        got.push(s);
-        if done {
-            break;
-        }
-    }
+    got.extend(follow_to_completion(&mut ws, "b", &app, &run).await);
     assert_life(&got);
     let want = logged_transitions(&app, &thread, cursor).await;
     assert_eq!(got.iter().map(|s| s.sequence).collect::<Vec<_>>(), want);
@@ -499,18 +500,7 @@ async fn postgres_subscriber_on_one_instance_sees_runs_of_another() {
         .await;
     let run = b.start_run(&thread, "content_calendar").await;
     let run = run["id"].as_str().expect("id").to_string();
-    let mut got = Vec::new();
-    loop {
-        let s = seen(&ws.next_data("s").await);
-        if s.to == "WAITING_APPROVAL" {
-            a.approve(&run, None).await;
-        }
-        let done = s.to == "COMPLETED";
-        got.push(s);
-        if done {
-            break;
-        }
-    }
+    let got = follow_to_completion(&mut ws, "s", &a, &run).await;
     assert_life(&got);
     // Every stage ran on A: B has no runtime at all.
     let events = a.event_types(&run).await;
