@@ -11,6 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+mod console;
 mod ws;
 pub use ws::WsSettings;
 
@@ -24,6 +25,9 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/graphql", get(graphiql).post(graphql))
         .route("/graphql/ws", get(graphql_ws))
+        .route("/", get(console::index))
+        .route("/console/app.js", get(console::app_js))
+        .route("/console/style.css", get(console::style_css))
         .route("/healthz", get(health))
         .route("/api/v1/health", get(health))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
