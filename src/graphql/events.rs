@@ -1,4 +1,4 @@
-//! Health.
+//! Health and the head of the event log.
 
 use super::services;
 use async_graphql::{Context, Object, SimpleObject};
@@ -28,5 +28,13 @@ impl HealthQuery {
             .into(),
             version: env!("CARGO_PKG_VERSION").into(),
         }
+    }
+
+    /// The sequence of the last committed event. A client that loads state and then subscribes
+    /// reads this first (its own request), then the state, then subscribes with it as
+    /// `afterSequence`: nothing in between is missed (a change already in the state may arrive
+    /// once more).
+    async fn event_head(&self, ctx: &Context<'_>) -> async_graphql::Result<i64> {
+        Ok(services(ctx).store.head_sequence().await?)
     }
 }

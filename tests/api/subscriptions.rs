@@ -363,7 +363,31 @@ async fn ws_bad_arguments_are_refused(backend: Backend) {
     assert_eq!(refused, ["x", "y"]);
 }
 
+/// `eventHead` is the log's last sequence: load state, then subscribe from it, and nothing that
+/// happens afterwards is missed.
+async fn event_head_is_where_to_subscribe_from(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let thread = app.thread().await;
+    let head = app.data("{ eventHead }", json!({})).await["eventHead"]
+        .as_i64()
+        .expect("eventHead");
+    assert_eq!(head, app.head().await);
+    let run = app.start_run(&thread, "content_calendar").await;
+    let run = run["id"].as_str().expect("id").to_string();
+    app.wait_status(&run, &["WAITING_APPROVAL"]).await;
+    let after = app.data("{ eventHead }", json!({})).await["eventHead"]
+        .as_i64()
+        .expect("eventHead");
+    assert!(after > head);
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    ws.subscribe("h", STATUS_SUB, json!({ "t": thread, "a": head }))
+        .await;
+    let got = follow_to_completion(&mut ws, "h", &app, &run).await;
+    assert_life(&got);
+}
+
 crate::both_backends!(
+    event_head_is_where_to_subscribe_from,
     schema_cursor_crosses_the_seam,
     schema_lagging_subscriber_recovers,
     ws_transport_protocol_streams_the_run,
