@@ -507,9 +507,14 @@
       await selectRun(null);
       return;
     }
+    // The log's head first, then the state: subscribing from that head misses nothing and
+    // replays none of the thread's older history.
+    const head = await gql("query { eventHead }", {});
+    if (gen !== state.gen.thread) return;
     const d = await gql(Q.thread, { id: state.threadId });
     if (gen !== state.gen.thread) return;
     if (!d.thread) throw new Error(`thread ${id} not found`);
+    state.statusSeq = head.eventHead;
     state.thread = d.thread;
     for (const run of d.thread.runs.nodes) upsertRun(run);
     if (d.thread.modes.length && state.profiles) {
