@@ -8,7 +8,7 @@
 
 use crate::domain::events::StoredEvent;
 use crate::store::{EventFilter, Store, PG_CHANNEL};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
@@ -21,6 +21,8 @@ const READ_BATCH: u64 = 1000;
 pub struct EventBus {
     tx: broadcast::Sender<Arc<StoredEvent>>,
     head: Arc<AtomicI64>,
+    /// How many times the feeder has read the log (it must sleep when nothing happens).
+    reads: Arc<AtomicU64>,
 }
 
 impl EventBus {
@@ -29,6 +31,7 @@ impl EventBus {
         EventBus {
             tx,
             head: Arc::new(AtomicI64::new(head)),
+            reads: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -39,6 +42,11 @@ impl EventBus {
     /// The last sequence published.
     pub fn head(&self) -> i64 {
         self.head.load(Ordering::SeqCst)
+    }
+
+    /// How many times the feeder has read the log so far.
+    pub fn log_reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
 
     fn publish(&self, ev: StoredEvent) {
@@ -59,6 +67,8 @@ impl EventBus {
             let listener = store
                 .pg_pool()
                 .map(|pool| tokio::spawn(listen(pool, remote_tx)));
+            // Without Postgres there is no listener, and its sender is gone: that branch is off.
+            let mut remote_open = listener.is_some();
             loop {
                 let notified = local.notified();
                 tokio::pin!(notified);
@@ -68,7 +78,9 @@ impl EventBus {
                 }
                 tokio::select! {
                     _ = &mut notified => {}
-                    _ = remote_rx.changed() => {}
+                    changed = remote_rx.changed(), if remote_open => {
+                        remote_open = changed.is_ok();
+                    }
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     _ = shutdown.changed() => break,
                 }
@@ -81,6 +93,7 @@ impl EventBus {
 
     async fn catch_up(&self, store: &Store) -> Result<(), crate::error::AppError> {
         loop {
+            self.reads.fetch_add(1, Ordering::Relaxed);
             let events = store
                 .read_events(self.head(), &EventFilter::default(), READ_BATCH)
                 .await?;

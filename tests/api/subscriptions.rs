@@ -386,7 +386,31 @@ async fn event_head_is_where_to_subscribe_from(backend: Backend) {
     assert_life(&got);
 }
 
+/// An idle bus sleeps: it reads the log when woken by a commit (or NOTIFY), and otherwise only
+/// on its slow safety timer (every 500 ms), never in a loop.
+async fn idle_bus_does_not_spin(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let bus = EventBus::new(16, app.head().await);
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    bus.spawn_feeder(app.services.store.clone(), stop_rx);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let idle = bus.log_reads();
+    assert!(
+        idle <= 10,
+        "the idle feeder read the log {idle} times in 1.5 s"
+    );
+    // A commit still wakes it at once.
+    app.thread().await;
+    let mut waited = 0;
+    while bus.head() < app.head().await {
+        assert!(waited < 3000, "the bus never caught up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 10;
+    }
+}
+
 crate::both_backends!(
+    idle_bus_does_not_spin,
     event_head_is_where_to_subscribe_from,
     schema_cursor_crosses_the_seam,
     schema_lagging_subscriber_recovers,
