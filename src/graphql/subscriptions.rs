@@ -27,11 +27,13 @@ fn matches(ev: &StoredEvent, filter: &EventFilter) -> bool {
             .is_none_or(|t| ev.thread_id.as_ref() == Some(t))
 }
 
-/// Every event matching `filter` after `after` (or from now on), gap-free, each once, in order.
+/// Every event matching `filter` and `keep` after `after` (or from now on), gap-free, each once,
+/// in order. `keep` runs on the shared event, so what a subscriber does not want is never copied.
 pub fn event_stream(
     services: Arc<Services>,
     bus: EventBus,
     filter: EventFilter,
+    keep: fn(&StoredEvent) -> bool,
     after: Option<i64>,
 ) -> impl Stream<Item = Result<StoredEvent, AppError>> {
     async_stream::try_stream! {
@@ -49,7 +51,9 @@ pub fn event_stream(
                     let n = batch.len() as u64;
                     for ev in batch {
                         last = ev.sequence;
-                        yield ev;
+                        if keep(&ev) {
+                            yield ev;
+                        }
                     }
                     if n < CATCH_UP_BATCH {
                         break;
@@ -63,7 +67,7 @@ pub fn event_stream(
                         continue;
                     }
                     last = ev.sequence;
-                    if matches(&ev, &filter) {
+                    if matches(&ev, &filter) && keep(&ev) {
                         yield (*ev).clone();
                     }
                 }
@@ -153,6 +157,7 @@ impl SubscriptionRoot {
             services(ctx).clone(),
             ctx.data_unchecked::<EventBus>().clone(),
             filter,
+            |ev| ev.body.status_transition().is_some(),
             after,
         );
         Ok(futures::StreamExt::filter_map(stream, |item| async move {
@@ -188,6 +193,7 @@ impl SubscriptionRoot {
             services(ctx).clone(),
             ctx.data_unchecked::<EventBus>().clone(),
             filter,
+            |_| true,
             after,
         );
         Ok(futures::StreamExt::map(stream, |item| {
