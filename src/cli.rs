@@ -1,4 +1,5 @@
-//! Command line: serve | migrate | export-schema | check-profiles | rebuild-projections.
+//! Command line: serve | migrate | export-schema | check-profiles | rebuild-projections |
+//! seed-history.
 
 use crate::config::Config;
 use crate::error::AppError;
@@ -37,6 +38,22 @@ pub enum Command {
     },
     /// Replay the event log into empty read models.
     RebuildProjections,
+    /// Benchmarks: append at least `--events` events of completed runs (fast, batched), so a
+    /// server can be measured on a database with a long history. Run it with no server running.
+    SeedHistory {
+        /// Events to write (at least; whole runs are written).
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Threads the runs are spread over.
+        #[arg(long, default_value_t = 100)]
+        threads: usize,
+        /// Runs per transaction.
+        #[arg(long, default_value_t = 500)]
+        runs_per_tx: usize,
+        /// The requested mode of the seeded runs.
+        #[arg(long, default_value = "content_calendar")]
+        mode: String,
+    },
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -85,7 +102,64 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("rebuilt read models from {n} events");
             Ok(())
         }
+        Command::SeedHistory {
+            events,
+            threads,
+            runs_per_tx,
+            mode,
+        } => seed_history(&config, events, threads, runs_per_tx, &mode).await,
     }
+}
+
+async fn seed_history(
+    config: &Config,
+    events: u64,
+    threads: usize,
+    runs_per_tx: usize,
+    mode: &str,
+) -> anyhow::Result<()> {
+    use crate::domain::profiles::SkillOverrides;
+    use std::sync::Arc;
+    let started = std::time::Instant::now();
+    let profiles = Arc::new(startup::load_profiles(config)?);
+    let store = startup::connect_store(config).await?;
+    let services = crate::service::Services::new(
+        store.clone(),
+        profiles,
+        startup::settings(config),
+        crate::runner::artifacts::ArtifactStore::new(&config.data_dir),
+    );
+    let plan = services
+        .preview(mode, &SkillOverrides::default())
+        .map_err(AppError::into_anyhow)?;
+    let threads = crate::store::seed::create_workspace(&services, threads)
+        .await
+        .map_err(AppError::into_anyhow)?;
+    let mut last_print = std::time::Instant::now();
+    let report = store
+        .seed_completed_runs(&plan, &threads, events, runs_per_tx, |r| {
+            if last_print.elapsed().as_secs() >= 2 {
+                last_print = std::time::Instant::now();
+                eprintln!(
+                    "  {} events, {} runs, {:.1} s",
+                    r.events,
+                    r.runs,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        })
+        .await
+        .map_err(AppError::into_anyhow)?;
+    let head = store.head_sequence().await.map_err(AppError::into_anyhow)?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "seeded {} events ({} completed runs on {} threads) in {secs:.1} s ({:.0} events/s); the log now holds {head} events",
+        report.events,
+        report.runs,
+        threads.len(),
+        report.events as f64 / secs
+    );
+    Ok(())
 }
 
 async fn shutdown_signal() {

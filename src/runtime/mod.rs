@@ -2,7 +2,7 @@
 //! (a lease in the store, compare-and-set, so one run has one worker across processes), execute
 //! their stages through the runner with timeout and retries, and stop at gates.
 
-use crate::domain::run::{RunState, StageFailure, Step};
+use crate::domain::run::{RunState, RunStatus, StageFailure, Step};
 use crate::domain::time;
 use crate::error::AppError;
 use crate::runner::{StageContext, StageError, StageRunner, STAGE_TIMEOUT};
@@ -46,7 +46,7 @@ impl RuntimeHandle {
 
 /// How a claimed run's drive ended.
 enum Drive {
-    /// Nothing left for now (gate, terminal).
+    /// Nothing left for now (gate, terminal): the run left the work queue with its last write.
     Done,
     /// The run is no longer ours (lease lost, or it changed under us): give it back.
     Release,
@@ -154,14 +154,20 @@ impl Runtime {
             _ = shutdown.changed() => Ok(Drive::Release),
         };
         heartbeat.abort();
-        match outcome {
-            Ok(Drive::Done) => {}
-            Ok(Drive::Release) => {}
-            Err(e) => tracing::error!(error = ?e, "run execution failed; it will be retried"),
-        }
+        let release = match outcome {
+            // A gate or the end: the run's queue row went away in that same transaction.
+            Ok(Drive::Done) => false,
+            Ok(Drive::Release) => true,
+            Err(e) => {
+                tracing::error!(error = ?e, "run execution failed; it will be retried");
+                true
+            }
+        };
         // Still queued only if runnable: give the lease back so any worker can continue.
-        if let Err(e) = self.services.store.release_lease(run_id, &self.owner).await {
-            tracing::warn!(error = ?e, "could not release lease");
+        if release {
+            if let Err(e) = self.services.store.release_lease(run_id, &self.owner).await {
+                tracing::warn!(error = ?e, "could not release lease");
+            }
         }
     }
 
@@ -170,32 +176,63 @@ impl Runtime {
         let Some(mut state) = services.store.run_state(run_id).await? else {
             return Ok(Drive::Done);
         };
+        // An attempt this worker has just started (its StageStarted is committed).
+        let mut in_flight: Option<(String, u32)> = None;
         let mut conflicts = 0;
         loop {
             if lost.load(Ordering::SeqCst) {
                 return Ok(Drive::Release);
             }
-            let step = state.next_step();
-            let result = match &step {
-                Step::Idle => return Ok(Drive::Done),
-                Step::Start => services.advance(run_id, |s| s.start()).await,
-                Step::Gate { stage_key } => {
-                    let key = stage_key.clone();
-                    let r = services.advance(run_id, |s| s.stop_at_gate(&key)).await;
-                    if r.is_ok() {
-                        tracing::info!(stage_key = %stage_key, "waiting for approval");
+            let known = Some(state.clone());
+            let result = match in_flight.take() {
+                Some((stage_key, attempt)) => self.execute(&state, &stage_key, attempt).await,
+                None => match state.next_step() {
+                    Step::Idle => {
+                        // Not runnable any more: the queue row is gone, unless the run is
+                        // somehow still runnable (then give the lease back).
+                        return Ok(if state.run.status.is_runnable() {
+                            Drive::Release
+                        } else {
+                            Drive::Done
+                        });
                     }
-                    r
-                }
-                Step::Complete => services.advance(run_id, |s| s.complete()).await,
-                Step::Execute { stage_key, attempt } => {
-                    self.execute(&state, stage_key, *attempt).await
-                }
+                    Step::Start => {
+                        services
+                            .advance_run(run_id, known, |s| s.start(), true)
+                            .await
+                    }
+                    Step::Gate { stage_key } => {
+                        services
+                            .advance_run(run_id, known, |s| s.stop_at_gate(&stage_key), true)
+                            .await
+                    }
+                    Step::Complete => {
+                        services
+                            .advance_run(run_id, known, |s| s.complete(), true)
+                            .await
+                    }
+                    Step::Execute { stage_key, attempt } => {
+                        services
+                            .advance_run(
+                                run_id,
+                                known,
+                                |s| s.start_attempt(&stage_key, attempt),
+                                false,
+                            )
+                            .await
+                    }
+                },
             };
             match result {
-                Ok(next) => {
+                Ok((next, started)) => {
                     conflicts = 0;
+                    if next.run.status == RunStatus::WaitingApproval
+                        && state.run.status != RunStatus::WaitingApproval
+                    {
+                        tracing::info!(stage_key = ?next.run.current_stage, "waiting for approval");
+                    }
                     state = next;
+                    in_flight = started;
                 }
                 Err(AppError::Conflict(reason)) => {
                     conflicts += 1;
@@ -213,18 +250,15 @@ impl Runtime {
         }
     }
 
-    /// One attempt of one stage: started event, runner under timeout, artifacts, result event.
+    /// One attempt of one stage, already started (its `WorkflowRunStageStarted` is committed):
+    /// runner under timeout, artifacts, result event (with the steps that follow it).
     async fn execute(
         &self,
         state: &RunState,
         stage_key: &str,
         attempt: u32,
-    ) -> Result<RunState, AppError> {
+    ) -> Result<(RunState, Option<(String, u32)>), AppError> {
         let services = &self.services;
-        let key = stage_key.to_string();
-        let state = services
-            .advance(&state.run.id, |s| s.start_attempt(&key, attempt))
-            .await?;
         let Some(stage) = state.stage(stage_key).cloned() else {
             return Err(AppError::internal(anyhow::anyhow!(
                 "stage {stage_key} vanished"
@@ -275,9 +309,12 @@ impl Runtime {
                 let key = stage_key.to_string();
                 let count = artifacts.len();
                 let next = services
-                    .advance(&state.run.id, |s| {
-                        s.complete_attempt(&key, attempt, artifacts)
-                    })
+                    .advance_run(
+                        &state.run.id,
+                        Some(state.clone()),
+                        |s| s.complete_attempt(&key, attempt, artifacts.clone()),
+                        true,
+                    )
                     .await?;
                 tracing::info!(stage_key = %stage_key, attempt, artifacts = count, "stage completed");
                 Ok(next)
@@ -297,8 +334,14 @@ impl Runtime {
                     error_message: err.message,
                     retryable: err.retryable,
                 };
-                let next = services
-                    .advance(&state.run.id, |s| s.fail_attempt(&key, attempt, failure))
+                // No chaining here: a retry starts after the backoff.
+                let (next, _) = services
+                    .advance_run(
+                        &state.run.id,
+                        Some(state.clone()),
+                        |s| s.fail_attempt(&key, attempt, failure.clone()),
+                        false,
+                    )
                     .await?;
                 if let Some(s) = next.stage(stage_key) {
                     if s.status == crate::domain::run::StageStatus::Running
@@ -307,7 +350,7 @@ impl Runtime {
                         tokio::time::sleep(Duration::from_secs_f64(s.backoff_seconds)).await;
                     }
                 }
-                Ok(next)
+                Ok((next, None))
             }
         }
     }

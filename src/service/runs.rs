@@ -5,7 +5,7 @@ use super::{Caller, Services};
 use crate::domain::events::{Actor, DomainEvent, EventMeta};
 use crate::domain::ids;
 use crate::domain::profiles::{PlanSnapshot, SkillOverrides};
-use crate::domain::run::{RunState, StageStatus};
+use crate::domain::run::{RunState, StageStatus, Step};
 use crate::domain::workspace;
 use crate::error::AppError;
 use crate::store::event_log::NewEvent;
@@ -91,7 +91,7 @@ impl Services {
             }
         }
         if after.run.status.is_runnable() && !before.run.status.is_runnable() {
-            self.wake.notify_waiters();
+            self.wake.notify_one();
         }
     }
 
@@ -152,7 +152,7 @@ impl Services {
         if let Err(e) = self.artifacts.write_plan(&state) {
             tracing::error!(run_id = %run_id, error = ?e, "could not write plan.json");
         }
-        self.wake.notify_waiters();
+        self.wake.notify_one();
         Ok(outcome)
     }
 
@@ -243,7 +243,7 @@ impl Services {
             .run_command(caller, idem, run_id, |s| Ok(s.resume()))
             .await?;
         // A safety control: also nudge the workers (for example after a lost wake-up).
-        self.wake.notify_waiters();
+        self.wake.notify_one();
         Ok(outcome)
     }
 
@@ -290,21 +290,92 @@ impl Services {
         run_id: &str,
         decide: impl FnOnce(&RunState) -> Result<Vec<DomainEvent>, AppError>,
     ) -> Result<RunState, AppError> {
+        self.advance_once(run_id, None, decide, false)
+            .await
+            .map(|(state, _)| state)
+    }
+
+    /// The runtime's step: apply `decide`, then, in the same transaction, every following step
+    /// that needs no stage work (start, gate, completion) and, with `start_next`, the start of
+    /// the next stage attempt. Returns the new state and the attempt left in flight, if any.
+    ///
+    /// `known` is the caller's copy of the run's last committed state; it saves loading the run
+    /// in the transaction. A stale copy cannot write anything: its events would reuse a stream
+    /// version that exists (unique index → `CONFLICT`), or its decision is refused; either way
+    /// the step is retried once on the state loaded inside the transaction.
+    pub async fn advance_run(
+        &self,
+        run_id: &str,
+        known: Option<RunState>,
+        decide: impl Fn(&RunState) -> Result<Vec<DomainEvent>, AppError>,
+        start_next: bool,
+    ) -> Result<(RunState, Option<(String, u32)>), AppError> {
+        if let Some(state) = known {
+            match self
+                .advance_once(run_id, Some(state), &decide, start_next)
+                .await
+            {
+                Err(AppError::Conflict(reason)) => {
+                    tracing::debug!(%reason, "cached run state was stale; retrying on the stored one");
+                }
+                other => return other,
+            }
+        }
+        self.advance_once(run_id, None, &decide, start_next).await
+    }
+
+    async fn advance_once(
+        &self,
+        run_id: &str,
+        known: Option<RunState>,
+        decide: impl FnOnce(&RunState) -> Result<Vec<DomainEvent>, AppError>,
+        start_next: bool,
+    ) -> Result<(RunState, Option<(String, u32)>), AppError> {
         let mut w = self.store.write().await?;
-        let state = w
-            .load_run_state(run_id)
-            .await?
-            .ok_or_else(|| AppError::not_found("run", run_id))?;
-        let events = decide(&state)?;
-        let before = state.clone();
-        let meta = EventMeta {
-            actor: Actor::runtime(),
-            correlation_id: Some(state.run.correlation_id.clone()),
-            causation_id: Some(state.run.last_event_id.clone()),
+        let state = match known {
+            Some(s) => s,
+            None => w
+                .load_run_state(run_id)
+                .await?
+                .ok_or_else(|| AppError::not_found("run", run_id))?,
         };
-        let state = self.append_run(&mut w, state, &meta, events).await?;
+        let before = state.clone();
+        let mut events = decide(&state)?;
+        let mut state = state;
+        let mut started = None;
+        loop {
+            started = started.or_else(|| started_attempt(&events));
+            let meta = EventMeta {
+                actor: Actor::runtime(),
+                correlation_id: Some(state.run.correlation_id.clone()),
+                causation_id: Some(state.run.last_event_id.clone()),
+            };
+            state = self.append_run(&mut w, state, &meta, events).await?;
+            if started.is_some() {
+                break;
+            }
+            events = match state.next_step() {
+                Step::Start => state.start()?,
+                Step::Gate { stage_key } => state.stop_at_gate(&stage_key)?,
+                Step::Complete => state.complete()?,
+                Step::Execute { stage_key, attempt } if start_next => {
+                    state.start_attempt(&stage_key, attempt)?
+                }
+                _ => break,
+            };
+        }
         w.commit().await?;
         self.after_run_change(&before, &state);
-        Ok(state)
+        Ok((state, started))
     }
+}
+
+/// The attempt a batch of events starts, if any.
+fn started_attempt(events: &[DomainEvent]) -> Option<(String, u32)> {
+    events.iter().find_map(|e| match e {
+        DomainEvent::WorkflowRunStageStarted {
+            stage_key, attempt, ..
+        } => Some((stage_key.clone(), *attempt)),
+        _ => None,
+    })
 }

@@ -13,6 +13,7 @@ pub mod queries;
 pub mod queue;
 pub mod rebuild;
 mod rows;
+pub mod seed;
 
 use crate::error::AppError;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};

@@ -29,7 +29,7 @@ fn corrupt(what: &str, value: &str) -> AppError {
 
 // ---- conversions -------------------------------------------------------------------------------
 
-fn run_to_model(r: &Run) -> Result<run::Model, AppError> {
+pub(super) fn run_to_model(r: &Run) -> Result<run::Model, AppError> {
     Ok(run::Model {
         id: r.id.clone(),
         thread_id: r.thread_id.clone(),
@@ -76,7 +76,7 @@ pub(super) fn run_from_model(m: run::Model) -> Result<Run, AppError> {
     })
 }
 
-fn stage_to_model(s: &Stage) -> stage::Model {
+pub(super) fn stage_to_model(s: &Stage) -> stage::Model {
     stage::Model {
         run_id: s.run_id.clone(),
         position: s.position,
@@ -118,7 +118,7 @@ pub(super) fn stage_from_model(m: stage::Model) -> Result<Stage, AppError> {
     })
 }
 
-fn approval_to_model(a: &Approval) -> approval::Model {
+pub(super) fn approval_to_model(a: &Approval) -> approval::Model {
     approval::Model {
         id: a.id.clone(),
         run_id: a.run_id.clone(),
@@ -155,7 +155,7 @@ pub(super) fn approval_from_model(m: approval::Model) -> Result<Approval, AppErr
     })
 }
 
-fn task_to_model(t: &Task) -> task::Model {
+pub(super) fn task_to_model(t: &Task) -> task::Model {
     task::Model {
         id: t.id.clone(),
         run_id: t.run_id.clone(),
@@ -480,6 +480,7 @@ pub async fn project(
     let mut before = run.clone();
     let mut state = run;
     let mut timeline = Vec::new();
+    let mut completed = Vec::new();
     for ev in events {
         match &ev.body {
             DomainEvent::BrandCreated { .. }
@@ -517,26 +518,9 @@ pub async fn project(
                     ..
                 } = body
                 {
-                    artifact::Entity::delete_many()
-                        .filter(artifact::Column::RunId.eq(run_id.clone()))
-                        .filter(artifact::Column::StageKey.eq(stage_key.clone()))
-                        .exec(conn)
-                        .await?;
-                    if !artifacts.is_empty() {
-                        artifact::Entity::insert_many(artifacts.iter().map(|a| {
-                            artifact::ActiveModel {
-                                run_id: Set(run_id.clone()),
-                                stage_key: Set(stage_key.clone()),
-                                path: Set(a.path.clone()),
-                                kind: Set(a.kind.clone()),
-                                sha256: Set(a.sha256.clone()),
-                                size: Set(a.size),
-                                attempt: Set(*attempt as i32),
-                            }
-                        }))
-                        .exec_without_returning(conn)
-                        .await?;
-                    }
+                    // Written after the run's rows: the run may be new in this batch (a replay
+                    // groups a run's consecutive events), and artifacts reference it.
+                    completed.push((run_id, stage_key, *attempt, artifacts));
                 }
             }
         }
@@ -560,6 +544,26 @@ pub async fn project(
     }
     if let Some(after) = &state {
         save_run(conn, before.as_ref(), after).await?;
+    }
+    for (run_id, stage_key, attempt, artifacts) in completed {
+        artifact::Entity::delete_many()
+            .filter(artifact::Column::RunId.eq(run_id.clone()))
+            .filter(artifact::Column::StageKey.eq(stage_key.clone()))
+            .exec(conn)
+            .await?;
+        if !artifacts.is_empty() {
+            artifact::Entity::insert_many(artifacts.iter().map(|a| artifact::ActiveModel {
+                run_id: Set(run_id.clone()),
+                stage_key: Set(stage_key.clone()),
+                path: Set(a.path.clone()),
+                kind: Set(a.kind.clone()),
+                sha256: Set(a.sha256.clone()),
+                size: Set(a.size),
+                attempt: Set(attempt as i32),
+            }))
+            .exec_without_returning(conn)
+            .await?;
+        }
     }
     Ok(state)
 }

@@ -5,8 +5,8 @@ use super::entities::run_queue;
 use super::Store;
 use crate::domain::time;
 use crate::error::AppError;
-use sea_orm::sea_query::{Condition, Expr};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::sea_query::{Condition, Expr, Order, Query};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
 fn claimable(now: &str) -> Condition {
     Condition::any()
@@ -15,48 +15,40 @@ fn claimable(now: &str) -> Condition {
 }
 
 impl Store {
-    /// Claim one runnable run for `owner` until `lease_seconds` from now, trying up to `scan`
-    /// candidates (other workers may win some of them).
+    /// Claim one runnable run for `owner` until `lease_seconds` from now: one compare-and-set
+    /// statement (`UPDATE … WHERE run_id = (oldest claimable) AND still claimable RETURNING`),
+    /// atomic on its own on both backends. `scan` is kept for the callers' signature: the
+    /// statement always takes the oldest claimable run, and a lost race just returns `None`.
     pub async fn claim_run(
         &self,
         owner: &str,
         lease_seconds: f64,
-        scan: u64,
+        _scan: u64,
     ) -> Result<Option<String>, AppError> {
         let now = time::now();
-        let candidates: Vec<String> = run_queue::Entity::find()
-            .select_only()
+        let oldest = Query::select()
             .column(run_queue::Column::RunId)
-            .filter(claimable(&now))
-            .order_by_asc(run_queue::Column::ReadyAt)
-            .limit(scan)
-            .into_tuple()
-            .all(self.conn())
-            .await?;
-        if candidates.is_empty() {
-            return Ok(None);
-        }
-        let until = time::after_seconds(lease_seconds);
-        let mut claimed = None;
-        let w = self.write().await?;
-        for run_id in candidates {
-            let res = run_queue::Entity::update_many()
-                .col_expr(
-                    run_queue::Column::LeaseOwner,
-                    Expr::value(owner.to_string()),
-                )
-                .col_expr(run_queue::Column::LeaseUntil, Expr::value(until.clone()))
-                .filter(run_queue::Column::RunId.eq(run_id.clone()))
-                .filter(claimable(&now))
-                .exec(w.tx())
-                .await?;
-            if res.rows_affected == 1 {
-                claimed = Some(run_id);
-                break;
-            }
-        }
-        w.commit().await?;
-        Ok(claimed)
+            .from(run_queue::Entity)
+            .cond_where(claimable(&now))
+            .order_by(run_queue::Column::ReadyAt, Order::Asc)
+            .limit(1)
+            .to_owned();
+        let update = run_queue::Entity::update_many()
+            .col_expr(
+                run_queue::Column::LeaseOwner,
+                Expr::value(owner.to_string()),
+            )
+            .col_expr(
+                run_queue::Column::LeaseUntil,
+                Expr::value(time::after_seconds(lease_seconds)),
+            )
+            .filter(run_queue::Column::RunId.in_subquery(oldest))
+            .filter(claimable(&now));
+        // Serialized with the other local writers (SQLite has one writer; this avoids its busy
+        // waits), but no transaction of its own: the single statement is atomic.
+        let _guard = self.write_lock.clone().lock_owned().await;
+        let claimed = update.exec_with_returning(self.conn()).await?;
+        Ok(claimed.into_iter().next().map(|m| m.run_id))
     }
 
     /// Extend a lease; false when the lease is no longer ours (or the run left the queue).
@@ -66,6 +58,10 @@ impl Store {
         owner: &str,
         lease_seconds: f64,
     ) -> Result<bool, AppError> {
+        // Under the write lock like every local write: on SQLite a write from outside it could
+        // commit between another transaction's first read and its first write, which then fails
+        // with SQLITE_BUSY (a snapshot cannot be upgraded).
+        let _guard = self.write_lock.clone().lock_owned().await;
         let res = run_queue::Entity::update_many()
             .col_expr(
                 run_queue::Column::LeaseUntil,
@@ -80,7 +76,7 @@ impl Store {
 
     /// Give a claimed run back (it stays queued if it is still runnable).
     pub async fn release_lease(&self, run_id: &str, owner: &str) -> Result<(), AppError> {
-        let w = self.write().await?;
+        let _guard = self.write_lock.clone().lock_owned().await;
         run_queue::Entity::update_many()
             .col_expr(
                 run_queue::Column::LeaseOwner,
@@ -92,8 +88,8 @@ impl Store {
             )
             .filter(run_queue::Column::RunId.eq(run_id))
             .filter(run_queue::Column::LeaseOwner.eq(owner))
-            .exec(w.tx())
+            .exec(self.conn())
             .await?;
-        w.commit().await
+        Ok(())
     }
 }
