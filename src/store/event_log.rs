@@ -60,21 +60,7 @@ impl WriteTx {
                 occurred_at: occurred_at.clone(),
                 body: new.body,
             };
-            models.push(event::ActiveModel {
-                sequence: Set(ev.sequence),
-                event_id: Set(ev.event_id.clone()),
-                stream_id: Set(ev.stream_id.clone()),
-                stream_version: Set(ev.stream_version),
-                event_type: Set(event_type.to_string()),
-                actor_type: Set(ev.actor.kind.clone()),
-                actor_id: Set(ev.actor.id.clone()),
-                thread_id: Set(ev.thread_id.clone()),
-                run_id: Set(ev.run_id.clone()),
-                correlation_id: Set(ev.correlation_id.clone()),
-                causation_id: Set(ev.causation_id.clone()),
-                occurred_at: Set(ev.occurred_at.clone()),
-                payload: Set(payload.to_string()),
-            });
+            models.push(event_model(&ev, event_type, &payload));
             stored.push(ev);
         }
         event::Entity::insert_many(models)
@@ -162,4 +148,27 @@ pub async fn head(conn: &impl ConnectionTrait) -> Result<i64, AppError> {
         .one(conn)
         .await?;
     Ok(last.flatten().unwrap_or(0))
+}
+
+/// The row of a stored event (its body already split into type and payload).
+pub(crate) fn event_model(
+    ev: &StoredEvent,
+    event_type: &str,
+    payload: &serde_json::Value,
+) -> event::ActiveModel {
+    event::ActiveModel {
+        sequence: Set(ev.sequence),
+        event_id: Set(ev.event_id.clone()),
+        stream_id: Set(ev.stream_id.clone()),
+        stream_version: Set(ev.stream_version),
+        event_type: Set(event_type.to_string()),
+        actor_type: Set(ev.actor.kind.clone()),
+        actor_id: Set(ev.actor.id.clone()),
+        thread_id: Set(ev.thread_id.clone()),
+        run_id: Set(ev.run_id.clone()),
+        correlation_id: Set(ev.correlation_id.clone()),
+        causation_id: Set(ev.causation_id.clone()),
+        occurred_at: Set(ev.occurred_at.clone()),
+        payload: Set(payload.to_string()),
+    }
 }

@@ -9,7 +9,7 @@
 //! state (what projecting its events one command at a time ends with; the unit test below checks
 //! that `rebuild-projections` reproduces them exactly). Artifact files are not written to disk.
 
-use super::entities::{artifact, event, thread, timeline_item};
+use super::entities::{artifact, thread, timeline_item};
 use super::projector::{approval_to_model, run_to_model, stage_to_model, task_to_model};
 use super::{event_log, Store, ThreadRow};
 use crate::domain::events::{Actor, ArtifactMeta, DomainEvent, StoredEvent};
@@ -274,21 +274,7 @@ async fn write_histories(
     for h in histories {
         for ev in &h.events {
             let (event_type, payload) = ev.body.to_parts()?;
-            events.push(event::ActiveModel {
-                sequence: Set(ev.sequence),
-                event_id: Set(ev.event_id.clone()),
-                stream_id: Set(ev.stream_id.clone()),
-                stream_version: Set(ev.stream_version),
-                event_type: Set(event_type.to_string()),
-                actor_type: Set(ev.actor.kind.clone()),
-                actor_id: Set(ev.actor.id.clone()),
-                thread_id: Set(ev.thread_id.clone()),
-                run_id: Set(ev.run_id.clone()),
-                correlation_id: Set(ev.correlation_id.clone()),
-                causation_id: Set(ev.causation_id.clone()),
-                occurred_at: Set(ev.occurred_at.clone()),
-                payload: Set(payload.to_string()),
-            });
+            events.push(event_log::event_model(ev, event_type, &payload));
             if let Some(thread_id) = &ev.thread_id {
                 timeline.push(timeline_item::ActiveModel {
                     sequence: Set(ev.sequence),

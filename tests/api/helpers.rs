@@ -259,6 +259,14 @@ impl TestApp {
         d["startWorkflowRun"]["run"].clone()
     }
 
+    /// Start a run and return its id.
+    pub async fn start_run_id(&self, thread: &str, mode: &str) -> String {
+        self.start_run(thread, mode).await["id"]
+            .as_str()
+            .expect("run id")
+            .to_string()
+    }
+
     pub async fn run(&self, id: &str) -> Value {
         let d = self.data(RUN_QUERY, json!({ "id": id })).await;
         d["workflowRun"].clone()

@@ -8,18 +8,9 @@ async fn rebuilt_read_models_equal_live_ones(backend: Backend) {
     let app = TestApp::spawn_with(opts).await;
     let thread = app.thread().await;
     app.data("mutation($t:ID!) { addThreadMode(input:{threadId:$t, mode:\"plan_90d\"}) { thread { id } } }", json!({"t": thread})).await;
-    let done = app.start_run(&thread, "content_calendar").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    let waiting = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    let rejected = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let done = app.start_run_id(&thread, "content_calendar").await;
+    let waiting = app.start_run_id(&thread, "x").await;
+    let rejected = app.start_run_id(&thread, "x").await;
     for _ in 0..3 {
         app.wait_status(&done, &["WAITING_APPROVAL"]).await;
         app.approve(&done, None).await;

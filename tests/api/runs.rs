@@ -205,10 +205,7 @@ async fn runs_on_one_thread_are_isolated(backend: Backend) {
 async fn early_and_repeated_approvals(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let thread = app.thread().await;
-    let id = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = app.start_run_id(&thread, "x").await;
     // Approve a later gate before the run reaches it: it is kept.
     let early = app.approve(&id, Some("positioning")).await;
     assert_eq!(early["resumeApplied"], false);
@@ -247,10 +244,7 @@ async fn early_and_repeated_approvals(backend: Backend) {
 async fn reject_fails_the_run(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let thread = app.thread().await;
-    let id = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = app.start_run_id(&thread, "x").await;
     app.wait_status(&id, &["WAITING_APPROVAL"]).await;
     let q = "mutation($r:ID!) { rejectWorkflowRun(input:{runId:$r, comment:\"off-brand\"}) { run { status } approval { status comment decidedBy } } }";
     let d = app.data(q, json!({"r": id})).await;
@@ -280,10 +274,7 @@ async fn reject_fails_the_run(backend: Backend) {
 async fn cancel_stops_a_run(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let thread = app.thread().await;
-    let id = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = app.start_run_id(&thread, "x").await;
     app.wait_status(&id, &["WAITING_APPROVAL"]).await;
     let q = "mutation($r:ID!) { cancelWorkflowRun(input:{runId:$r, reason:\"not needed\"}) { run { status finishedAt } } }";
     let d = app.data(q, json!({"r": id})).await;
@@ -307,10 +298,7 @@ async fn cancel_stops_a_run(backend: Backend) {
 async fn resume_never_flips_a_waiting_run(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let thread = app.thread().await;
-    let id = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = app.start_run_id(&thread, "x").await;
     app.wait_status(&id, &["WAITING_APPROVAL"]).await;
     let head = app.head().await;
     let q =
@@ -332,10 +320,7 @@ async fn resume_never_flips_a_waiting_run(backend: Backend) {
 async fn concurrent_approvals_grant_once(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let thread = app.thread().await;
-    let id = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = app.start_run_id(&thread, "x").await;
     app.wait_status(&id, &["WAITING_APPROVAL"]).await;
     let calls = (0..50).map(|_| {
         let client = app.client.clone();
@@ -416,10 +401,7 @@ async fn native_profiles_complete_without_fallback(backend: Backend) {
 async fn complete_task_by_hand(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let thread = app.thread().await;
-    let id = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = app.start_run_id(&thread, "x").await;
     app.wait_status(&id, &["WAITING_APPROVAL"]).await;
     let d = app
         .data(

@@ -43,10 +43,7 @@ fn stage<'a>(run: &'a Value, key: &str) -> &'a Value {
 async fn a_retryable_failure_is_retried(backend: Backend) {
     let app = app_with_faults(backend, "research=fail-once").await;
     let thread = app.thread().await;
-    let id = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = app.start_run_id(&thread, "x").await;
     let run = app.wait_status(&id, &["WAITING_APPROVAL", "FAILED"]).await;
     assert_eq!(run["status"], "WAITING_APPROVAL");
     let research = stage(&run, "research");
@@ -80,10 +77,7 @@ async fn a_retryable_failure_is_retried(backend: Backend) {
 async fn retries_stop_at_max_attempts_and_keep_completed_stages(backend: Backend) {
     let app = app_with_faults(backend, "brand-voice=fail").await;
     let thread = app.thread().await;
-    let id = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = app.start_run_id(&thread, "x").await;
     app.wait_status(&id, &["WAITING_APPROVAL"]).await;
     app.approve(&id, None).await;
     let run = app.wait_status(&id, &["FAILED"]).await;
@@ -110,10 +104,7 @@ async fn retries_stop_at_max_attempts_and_keep_completed_stages(backend: Backend
 async fn a_fatal_failure_is_not_retried(backend: Backend) {
     let app = app_with_faults(backend, "research=fail-fatal").await;
     let thread = app.thread().await;
-    let id = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = app.start_run_id(&thread, "x").await;
     let run = app.wait_status(&id, &["FAILED"]).await;
     let research = stage(&run, "research");
     assert_eq!(research["attempts"], 1);
@@ -124,10 +115,7 @@ async fn a_fatal_failure_is_not_retried(backend: Backend) {
 async fn a_hanging_stage_times_out(backend: Backend) {
     let app = app_with_faults(backend, "positioning=hang").await;
     let thread = app.thread().await;
-    let id = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = app.start_run_id(&thread, "x").await;
     app.wait_status(&id, &["WAITING_APPROVAL"]).await;
     app.approve(&id, None).await;
     let run = app.wait_status(&id, &["FAILED"]).await;
@@ -142,10 +130,7 @@ async fn a_hanging_stage_times_out(backend: Backend) {
 async fn delayed_stages_still_complete(backend: Backend) {
     let app = app_with_faults(backend, "research=delay-100").await;
     let thread = app.thread().await;
-    let id = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = app.start_run_id(&thread, "x").await;
     let run = app.wait_status(&id, &["WAITING_APPROVAL"]).await;
     assert_eq!(stage(&run, "research")["attempts"], 1);
     assert_eq!(stage(&run, "research")["errorCode"], Value::Null);
@@ -154,10 +139,7 @@ async fn delayed_stages_still_complete(backend: Backend) {
 async fn cancel_abandons_an_attempt_in_flight(backend: Backend) {
     let app = app_with_faults(backend, "research=delay-1500").await;
     let thread = app.thread().await;
-    let id = app.start_run(&thread, "x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = app.start_run_id(&thread, "x").await;
     // Wait until the attempt is in flight.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while stage(&app.run(&id).await, "research")["status"] != "RUNNING" {

@@ -131,8 +131,7 @@ where
 async fn schema_cursor_crosses_the_seam(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let thread = app.thread().await;
-    let first = app.start_run(&thread, "content_calendar").await;
-    let first = first["id"].as_str().expect("id").to_string();
+    let first = app.start_run_id(&thread, "content_calendar").await;
     app.wait_status(&first, &["WAITING_APPROVAL"]).await;
     let cursor = app.head().await;
     app.approve_until_done(&first).await;
@@ -195,8 +194,7 @@ async fn schema_lagging_subscriber_recovers(backend: Backend) {
             .is_err(),
         "nothing to deliver yet"
     );
-    let run = app.start_run(&thread, "content_calendar").await;
-    let run = run["id"].as_str().expect("id").to_string();
+    let run = app.start_run_id(&thread, "content_calendar").await;
     app.approve_until_done(&run).await;
     let mut got = Vec::new();
     for _ in 0..foundation_life().len() {
@@ -238,8 +236,7 @@ async fn drive_over_ws(app: &TestApp, protocol: Protocol) -> Vec<Seen> {
     let cursor = app.head().await;
     ws.subscribe("s1", STATUS_SUB, json!({ "t": thread, "a": cursor }))
         .await;
-    let run = app.start_run(&thread, "content_calendar").await;
-    let run = run["id"].as_str().expect("id").to_string();
+    let run = app.start_run_id(&thread, "content_calendar").await;
     let got = follow_to_completion(&mut ws, "s1", app, &run).await;
     ws.close().await;
     got
@@ -266,8 +263,7 @@ async fn ws_resubscribe_with_last_sequence(backend: Backend) {
     let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
     ws.subscribe("a", STATUS_SUB, json!({ "t": thread, "a": cursor }))
         .await;
-    let run = app.start_run(&thread, "content_calendar").await;
-    let run = run["id"].as_str().expect("id").to_string();
+    let run = app.start_run_id(&thread, "content_calendar").await;
     let mut got = Vec::new();
     while got.len() < 2 {
         got.push(seen(&ws.next_data("a").await));
@@ -297,8 +293,7 @@ async fn ws_resubscribe_with_last_sequence(backend: Backend) {
 async fn ws_live_only_without_cursor(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let thread = app.thread().await;
-    let run = app.start_run(&thread, "content_calendar").await;
-    let run = run["id"].as_str().expect("id").to_string();
+    let run = app.start_run_id(&thread, "content_calendar").await;
     app.wait_status(&run, &["WAITING_APPROVAL"]).await;
     let before = app.head().await;
     let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
@@ -372,8 +367,7 @@ async fn event_head_is_where_to_subscribe_from(backend: Backend) {
         .as_i64()
         .expect("eventHead");
     assert_eq!(head, app.head().await);
-    let run = app.start_run(&thread, "content_calendar").await;
-    let run = run["id"].as_str().expect("id").to_string();
+    let run = app.start_run_id(&thread, "content_calendar").await;
     app.wait_status(&run, &["WAITING_APPROVAL"]).await;
     let after = app.data("{ eventHead }", json!({})).await["eventHead"]
         .as_i64()
@@ -546,8 +540,7 @@ async fn postgres_subscriber_on_one_instance_sees_runs_of_another() {
     let mut ws = WsClient::connect_init(&b.ws_url(), Protocol::Transport).await;
     ws.subscribe("s", STATUS_SUB, json!({ "t": thread, "a": b.head().await }))
         .await;
-    let run = b.start_run(&thread, "content_calendar").await;
-    let run = run["id"].as_str().expect("id").to_string();
+    let run = b.start_run_id(&thread, "content_calendar").await;
     let got = follow_to_completion(&mut ws, "s", &a, &run).await;
     assert_life(&got);
     // Every stage ran on A: B has no runtime at all.
