@@ -27,6 +27,37 @@ pub struct StageContext {
 }
 
 impl StageContext {
+    /// The context of attempt `attempt` of `stage` of the run `state`.
+    pub fn for_attempt(
+        state: &crate::domain::run::RunState,
+        stage: &crate::domain::run::Stage,
+        attempt: u32,
+    ) -> StageContext {
+        StageContext {
+            run_id: state.run.id.clone(),
+            thread_id: state.run.thread_id.clone(),
+            project_id: state.run.project_id.clone(),
+            brand_id: state.run.brand_id.clone(),
+            stage_key: stage.key.clone(),
+            position: stage.position,
+            attempt,
+            skills: stage.skills.clone(),
+            requested_mode: state.run.plan.requested_mode.clone(),
+            effective_mode: state.run.plan.effective_mode.clone(),
+            fallback_applied: state.run.plan.fallback_applied,
+            request_text: state.run.request_text.clone(),
+            stage_keys: state.stages.iter().map(|s| s.key.clone()).collect(),
+            completed_stages: state
+                .stages
+                .iter()
+                .filter(|s| s.status == crate::domain::run::StageStatus::Completed)
+                .map(|s| s.key.clone())
+                .collect(),
+        }
+    }
+}
+
+impl StageContext {
     /// Per-run isolation key: two runs on one thread never share state.
     pub fn isolation_key(&self) -> String {
         format!("{}--{}", self.thread_id, self.run_id)

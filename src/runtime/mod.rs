@@ -264,27 +264,7 @@ impl Runtime {
                 "stage {stage_key} vanished"
             )));
         };
-        let ctx = StageContext {
-            run_id: state.run.id.clone(),
-            thread_id: state.run.thread_id.clone(),
-            project_id: state.run.project_id.clone(),
-            brand_id: state.run.brand_id.clone(),
-            stage_key: stage_key.to_string(),
-            position: stage.position,
-            attempt,
-            skills: stage.skills.clone(),
-            requested_mode: state.run.plan.requested_mode.clone(),
-            effective_mode: state.run.plan.effective_mode.clone(),
-            fallback_applied: state.run.plan.fallback_applied,
-            request_text: state.run.request_text.clone(),
-            stage_keys: state.stages.iter().map(|s| s.key.clone()).collect(),
-            completed_stages: state
-                .stages
-                .iter()
-                .filter(|s| s.status == crate::domain::run::StageStatus::Completed)
-                .map(|s| s.key.clone())
-                .collect(),
-        };
+        let ctx = StageContext::for_attempt(state, &stage, attempt);
         let span = tracing::info_span!("stage", stage_key = %stage_key, attempt);
         let started_at = time::now();
         let outcome = async {

@@ -14,7 +14,7 @@ use super::projector::{approval_to_model, run_to_model, stage_to_model, task_to_
 use super::{event_log, Store, ThreadRow};
 use crate::domain::events::{Actor, ArtifactMeta, DomainEvent, StoredEvent};
 use crate::domain::profiles::PlanSnapshot;
-use crate::domain::run::{RunState, RunStatus, StageStatus, Step};
+use crate::domain::run::{RunState, RunStatus, Step};
 use crate::domain::{ids, time};
 use crate::error::AppError;
 use crate::runner::StageContext;
@@ -164,31 +164,10 @@ impl Sim<'_> {
 
 /// The metadata of what the Foundation runner produces for this stage (content not stored).
 fn foundation_artifacts(state: &RunState, stage_key: &str, attempt: u32) -> Vec<ArtifactMeta> {
-    let position = state.stage(stage_key).map_or(0, |s| s.position);
-    let ctx = StageContext {
-        run_id: state.run.id.clone(),
-        thread_id: state.run.thread_id.clone(),
-        project_id: state.run.project_id.clone(),
-        brand_id: state.run.brand_id.clone(),
-        stage_key: stage_key.to_string(),
-        position,
-        attempt,
-        skills: state
-            .stage(stage_key)
-            .map(|s| s.skills.clone())
-            .unwrap_or_default(),
-        requested_mode: state.run.plan.requested_mode.clone(),
-        effective_mode: state.run.plan.effective_mode.clone(),
-        fallback_applied: state.run.plan.fallback_applied,
-        request_text: state.run.request_text.clone(),
-        stage_keys: state.stages.iter().map(|s| s.key.clone()).collect(),
-        completed_stages: state
-            .stages
-            .iter()
-            .filter(|s| s.status == StageStatus::Completed)
-            .map(|s| s.key.clone())
-            .collect(),
+    let Some(stage) = state.stage(stage_key) else {
+        return Vec::new();
     };
+    let ctx = StageContext::for_attempt(state, stage, attempt);
     crate::runner::foundation::artifacts_for(&ctx)
         .into_iter()
         .map(|(path, content)| ArtifactMeta {
