@@ -16,6 +16,11 @@ pub fn parse_name(field: &str, raw: &str) -> Result<String, AppError> {
             "{field} must be at most {MAX_NAME_LEN} characters"
         )));
     }
+    if name.contains('\0') {
+        return Err(AppError::validation(format!(
+            "{field} must not contain NUL characters"
+        )));
+    }
     Ok(name.to_string())
 }
 
@@ -24,6 +29,11 @@ pub fn parse_text(field: &str, raw: &str) -> Result<String, AppError> {
     if raw.chars().count() > MAX_TEXT_LEN {
         return Err(AppError::validation(format!(
             "{field} must be at most {MAX_TEXT_LEN} characters"
+        )));
+    }
+    if raw.contains('\0') {
+        return Err(AppError::validation(format!(
+            "{field} must not contain NUL characters"
         )));
     }
     Ok(raw.trim().to_string())

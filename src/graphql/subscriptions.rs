@@ -35,7 +35,7 @@ pub fn event_stream(
     filter: EventFilter,
     keep: fn(&StoredEvent) -> bool,
     after: Option<i64>,
-) -> impl Stream<Item = Result<StoredEvent, AppError>> {
+) -> impl Stream<Item = Result<Arc<StoredEvent>, AppError>> {
     async_stream::try_stream! {
         // Subscribe first, then read the log: nothing committed in between can be missed.
         let mut rx = bus.subscribe();
@@ -52,7 +52,7 @@ pub fn event_stream(
                     for ev in batch {
                         last = ev.sequence;
                         if keep(&ev) {
-                            yield ev;
+                            yield Arc::new(ev);
                         }
                     }
                     if n < CATCH_UP_BATCH {
@@ -68,7 +68,8 @@ pub fn event_stream(
                     }
                     last = ev.sequence;
                     if matches(&ev, &filter) && keep(&ev) {
-                        yield (*ev).clone();
+                        // Shared by every subscriber: nothing is copied per subscriber.
+                        yield ev;
                     }
                 }
                 Err(RecvError::Lagged(skipped)) => {
@@ -90,7 +91,7 @@ fn parse_cursor(after: Option<i64>) -> Result<Option<i64>, AppError> {
 
 /// One run status change.
 pub struct RunStatusChange {
-    event: StoredEvent,
+    event: Arc<StoredEvent>,
     from: RunStatus,
     to: RunStatus,
     stage_key: Option<String>,

@@ -429,7 +429,7 @@ impl WorkflowRun {
         Ok(connection(
             Page { items, has_next },
             |e| e.sequence,
-            WorkflowEvent,
+            |e| WorkflowEvent(std::sync::Arc::new(e)),
             has_prev,
         ))
     }
@@ -636,7 +636,7 @@ pub struct EventActor {
 }
 
 /// An event of the log (SPEC §7 envelope).
-pub struct WorkflowEvent(pub StoredEvent);
+pub struct WorkflowEvent(pub std::sync::Arc<StoredEvent>);
 
 #[Object]
 impl WorkflowEvent {

@@ -108,16 +108,14 @@ impl Services {
             return Err(AppError::validation("requestText must not be empty"));
         }
         let plan = self.preview(&cmd.mode, &cmd.skill_overrides)?;
+        // Threads are never deleted: read it before taking the write lock.
+        let thread = self.store.thread(&cmd.thread_id).await?;
         let mut w = self.store.write().await?;
         if let Some(replay) = w.replayed::<RunOutcome>(&idem).await? {
             w.commit().await?;
             return Ok(replay);
         }
-        let thread = self
-            .store
-            .thread(&cmd.thread_id)
-            .await?
-            .ok_or_else(|| AppError::not_found("thread", &cmd.thread_id))?;
+        let thread = thread.ok_or_else(|| AppError::not_found("thread", &cmd.thread_id))?;
         let run_id = ids::generate("run-");
         let event = NewEvent {
             body: DomainEvent::WorkflowRunQueued {

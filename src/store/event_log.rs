@@ -7,7 +7,8 @@ use crate::domain::{ids, time};
 use crate::error::AppError;
 use sea_orm::sea_query::{Expr, Func};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+    Set,
 };
 
 /// An event to append, with the ids it is indexed by.
@@ -31,16 +32,7 @@ impl WriteTx {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let last: Option<Option<i64>> = event::Entity::find()
-            .select_only()
-            .column_as(
-                Expr::from(Func::max(Expr::col(event::Column::Sequence))),
-                "max_seq",
-            )
-            .into_tuple()
-            .one(self.tx())
-            .await?;
-        let first_sequence = last.flatten().unwrap_or(0) + 1;
+        let first_sequence = self.log_head().await? + 1;
         let occurred_at = time::now();
         let mut stored = Vec::with_capacity(events.len());
         let mut models = Vec::with_capacity(events.len());
@@ -63,16 +55,11 @@ impl WriteTx {
             models.push(event_model(&ev, event_type, &payload));
             stored.push(ev);
         }
-        event::Entity::insert_many(models)
-            .exec_without_returning(self.tx())
-            .await
-            .map_err(|e| match AppError::from(e) {
-                AppError::Conflict(_) => AppError::Conflict(format!(
-                    "stream {stream_id} changed concurrently (expected version {expected_version}); retry"
-                )),
-                other => other,
-            })?;
-        self.appended += stored.len();
+        // A concurrent writer on the same stream version makes this fail at the latest at
+        // commit (unique index on stream and version), as `CONFLICT`.
+        self.defer(&event::Entity::insert_many(models).into_query());
+        let count = stored.len();
+        self.appended_up_to(first_sequence + count as i64 - 1, count);
         Ok(stored)
     }
 }

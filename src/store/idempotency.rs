@@ -4,7 +4,7 @@ use super::entities::idempotency_key;
 use super::WriteTx;
 use crate::domain::time;
 use crate::error::AppError;
-use sea_orm::{ActiveModelTrait, EntityTrait, Set};
+use sea_orm::{EntityTrait, QueryTrait, Set};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -42,14 +42,14 @@ impl Idempotency {
 impl WriteTx {
     /// The stored answer for a replay, or `IDEMPOTENCY_KEY_REUSED` for a different input.
     pub async fn replayed<T: serde::de::DeserializeOwned>(
-        &self,
+        &mut self,
         idem: &Idempotency,
     ) -> Result<Option<T>, AppError> {
         let Some(key) = &idem.key else {
             return Ok(None);
         };
         let found = idempotency_key::Entity::find_by_id((idem.mutation.to_string(), key.clone()))
-            .one(self.tx())
+            .one(self.reader().await?)
             .await?;
         match found {
             None => Ok(None),
@@ -61,22 +61,21 @@ impl WriteTx {
     }
 
     pub async fn remember(
-        &self,
+        &mut self,
         idem: &Idempotency,
         response: &impl Serialize,
     ) -> Result<(), AppError> {
         let Some(key) = &idem.key else {
             return Ok(());
         };
-        idempotency_key::ActiveModel {
+        let row = idempotency_key::ActiveModel {
             mutation: Set(idem.mutation.to_string()),
             key: Set(key.clone()),
             request_hash: Set(idem.request_hash.clone()),
             response: Set(serde_json::to_string(response)?),
             created_at: Set(time::now()),
-        }
-        .insert(self.tx())
-        .await?;
+        };
+        self.defer(&idempotency_key::Entity::insert(row).into_query());
         Ok(())
     }
 }

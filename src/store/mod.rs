@@ -1,9 +1,10 @@
 //! Storage: the only code that talks to the database (through sea-orm).
 //!
-//! Every write goes through [`Store::write`]: one transaction, serialized (an in-process lock, plus
-//! a transaction-scoped advisory lock on Postgres so several instances serialize too). Appends
-//! number events with `MAX(sequence) + 1` inside that critical section, so the global sequence is
-//! gap-free and equals commit order on both backends.
+//! Every write goes through [`Store::write`]: serialized (an in-process lock, plus a
+//! transaction-scoped advisory lock on Postgres so several instances serialize too), each writer
+//! in a savepoint of a shared transaction that commits once for a burst of writers (group
+//! commit, see [`Batch`]). Appends number events with `MAX(sequence) + 1` inside that critical
+//! section, so the global sequence is gap-free and equals commit order on both backends.
 
 mod entities;
 pub mod event_log;
@@ -16,14 +17,16 @@ mod rows;
 pub mod seed;
 
 use crate::error::AppError;
+use sea_orm::sea_query::{PostgresQueryBuilder, QueryStatementWriter, SqliteQueryBuilder};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
     DbErr, SqlErr, Statement, TransactionTrait,
 };
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
+use tokio::sync::{oneshot, Mutex, Notify, OwnedMutexGuard};
 
 pub use rows::{
     ApprovalRow, ArtifactRow, BrandRow, EventFilter, Page, ProjectRow, ThreadRow, TimelineRow,
@@ -44,13 +47,157 @@ impl From<DbErr> for AppError {
     }
 }
 
+/// The write batch that is open, shared by the writers that take turns in it (group commit).
+///
+/// Writers are serialized by the mutex around this. Each writer works in a savepoint of the
+/// batch's transaction; when it commits and another writer is already queued for the lock, it
+/// leaves the transaction open for that writer and waits for the batch's commit. The last writer
+/// of a burst (nobody queued, or the batch is full) commits for everyone: one `COMMIT` (one fsync
+/// on Postgres) for many commands, and every writer's `commit()` returns only once its writes are
+/// durable, so nothing a client was told is lost on a crash.
+struct Batch {
+    backend: DbBackend,
+    tx: Option<DatabaseTransaction>,
+    /// Writers whose savepoint is released into `tx` and who wait for its commit.
+    waiters: Vec<oneshot::Sender<Result<(), ()>>>,
+    /// Events appended in `tx` so far.
+    appended: usize,
+    /// The log's highest sequence inside `tx`, once read (nobody else can append until it
+    /// commits: the lock here, plus the advisory lock on Postgres).
+    head: Option<i64>,
+    /// Writers whose savepoint is released into `tx`.
+    writers: u64,
+    committed: Arc<Notify>,
+    stats: Arc<WriteStats>,
+}
+
+/// How well writes are grouped: writers committed, and the commits that carried them.
+#[derive(Debug, Default)]
+pub struct WriteStats {
+    writers: AtomicU64,
+    commits: AtomicU64,
+}
+
+impl WriteStats {
+    /// `(writers, commits)` so far.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.writers.load(Ordering::SeqCst),
+            self.commits.load(Ordering::SeqCst),
+        )
+    }
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("open", &self.tx.is_some())
+            .field("waiters", &self.waiters.len())
+            .field("appended", &self.appended)
+            .finish()
+    }
+}
+
+/// Most writers one transaction carries before it commits even though more are queued.
+const MAX_BATCH: usize = 64;
+
+impl Batch {
+    /// Commit the open transaction (if any) and tell every waiting writer how it went.
+    async fn flush(&mut self) -> Result<(), AppError> {
+        let Some(tx) = self.tx.take() else {
+            return Ok(());
+        };
+        let appended = std::mem::take(&mut self.appended);
+        let writers = std::mem::take(&mut self.writers);
+        self.head = None;
+        let waiters = std::mem::take(&mut self.waiters);
+        let result = async {
+            if appended > 0 && self.backend == DbBackend::Postgres {
+                tx.execute_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    format!("SELECT pg_notify('{PG_CHANNEL}', '')"),
+                ))
+                .await?;
+            }
+            tx.commit().await
+        }
+        .await;
+        let ok = result.is_ok();
+        for w in waiters {
+            let _ = w.send(if ok { Ok(()) } else { Err(()) });
+        }
+        if ok {
+            self.stats.writers.fetch_add(writers, Ordering::SeqCst);
+            self.stats.commits.fetch_add(1, Ordering::SeqCst);
+        }
+        if ok && appended > 0 {
+            self.committed.notify_waiters();
+        }
+        result.map_err(AppError::from)
+    }
+}
+
+/// Counts a writer as queued for the batch lock until it holds it; a writer that gives up
+/// waiting (its future dropped) makes sure the batch it leaves behind still commits.
+struct Queued {
+    queued: Arc<AtomicUsize>,
+    batch: Arc<Mutex<Batch>>,
+    done: bool,
+}
+
+impl Queued {
+    fn new(store: &Store) -> Self {
+        store.queued.fetch_add(1, Ordering::SeqCst);
+        Queued {
+            queued: store.queued.clone(),
+            batch: store.batch.clone(),
+            done: false,
+        }
+    }
+
+    /// The lock is ours.
+    fn arrived(mut self) {
+        self.done = true;
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        // Someone may have left the batch open for us: commit it if nobody else is coming.
+        let batch = self.batch.clone();
+        let queued = self.queued.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(flush_if_idle(batch, queued));
+        }
+    }
+}
+
+async fn flush_if_idle(batch: Arc<Mutex<Batch>>, queued: Arc<AtomicUsize>) {
+    queued.fetch_add(1, Ordering::SeqCst);
+    let mut guard = batch.lock_owned().await;
+    queued.fetch_sub(1, Ordering::SeqCst);
+    if queued.load(Ordering::SeqCst) == 0 {
+        if let Err(e) = guard.flush().await {
+            tracing::error!(error = ?e, "committing a write batch failed");
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Store {
     db: DatabaseConnection,
     backend: DbBackend,
-    write_lock: Arc<Mutex<()>>,
+    batch: Arc<Mutex<Batch>>,
+    /// Writers waiting for the batch lock.
+    queued: Arc<AtomicUsize>,
     /// Woken after every commit that appended events.
     committed: Arc<Notify>,
+    stats: Arc<WriteStats>,
 }
 
 impl Store {
@@ -71,11 +218,24 @@ impl Store {
             });
         let db = Database::connect(opts).await.map_err(AppError::internal)?;
         let backend = db.get_database_backend();
+        let committed = Arc::new(Notify::new());
+        let stats = Arc::new(WriteStats::default());
         Ok(Store {
             db,
             backend,
-            write_lock: Arc::new(Mutex::new(())),
-            committed: Arc::new(Notify::new()),
+            batch: Arc::new(Mutex::new(Batch {
+                backend,
+                tx: None,
+                waiters: Vec::new(),
+                appended: 0,
+                head: None,
+                writers: 0,
+                committed: committed.clone(),
+                stats: stats.clone(),
+            })),
+            queued: Arc::new(AtomicUsize::new(0)),
+            committed,
+            stats,
         })
     }
 
@@ -108,65 +268,196 @@ impl Store {
         self.committed.clone()
     }
 
+    /// Writers committed and the commits that carried them, since start.
+    pub fn write_stats(&self) -> &WriteStats {
+        &self.stats
+    }
+
+    /// Writers waiting for their turn right now.
+    pub fn queued_writers(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
     pub async fn ping(&self) -> Result<(), AppError> {
         Ok(self.db.ping().await?)
     }
 
-    /// Begin a serialized write transaction.
+    /// Begin a serialized write: a savepoint in the open write batch (opened here if none is).
     pub async fn write(&self) -> Result<WriteTx, AppError> {
-        let guard = self.write_lock.clone().lock_owned().await;
-        let tx = self.db.begin().await?;
-        if self.is_postgres() {
-            tx.query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                format!("SELECT pg_advisory_xact_lock({PG_WRITE_LOCK_KEY})"),
-            ))
-            .await?;
+        let queued = Queued::new(self);
+        let mut guard = self.batch.clone().lock_owned().await;
+        queued.arrived();
+        if guard.tx.is_none() {
+            let tx = self.db.begin().await?;
+            if self.is_postgres() {
+                tx.query_one_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    format!("SELECT pg_advisory_xact_lock({PG_WRITE_LOCK_KEY})"),
+                ))
+                .await?;
+            }
+            guard.tx = Some(tx);
         }
+        let savepoint = match guard.tx.as_ref().map(|tx| tx.begin()) {
+            Some(begin) => begin.await,
+            None => unreachable!("the batch transaction was just opened"),
+        };
+        let savepoint = match savepoint {
+            Ok(sp) => sp,
+            Err(e) => {
+                // The batch is unusable: settle it for the writers already in it.
+                let _ = guard.flush().await;
+                return Err(e.into());
+            }
+        };
+        let head_at_start = guard.head;
         Ok(WriteTx {
-            tx,
-            _guard: guard,
+            tx: Some(savepoint),
+            guard: Some(guard),
+            queued: self.queued.clone(),
+            head_at_start,
             appended: 0,
-            committed: self.committed.clone(),
-            backend: self.backend,
+            pending: Vec::new(),
         })
     }
 }
 
-/// A write transaction holding the store's write lock until it commits or drops.
+/// One writer's turn: a savepoint in the write batch, holding the batch lock until it commits
+/// or drops (a drop rolls back to the savepoint and leaves the rest of the batch intact).
 pub struct WriteTx {
-    tx: DatabaseTransaction,
-    _guard: OwnedMutexGuard<()>,
+    tx: Option<DatabaseTransaction>,
+    guard: Option<OwnedMutexGuard<Batch>>,
+    queued: Arc<AtomicUsize>,
+    head_at_start: Option<i64>,
     appended: usize,
-    committed: Arc<Notify>,
-    backend: DbBackend,
+    /// Writes not sent yet: they go to the database together, in one round trip, before the next
+    /// read of this writer or at its commit.
+    pending: Vec<String>,
 }
 
 impl WriteTx {
+    /// The transaction, for statements that need nothing this writer has deferred.
     pub(crate) fn tx(&self) -> &DatabaseTransaction {
-        &self.tx
+        self.tx
+            .as_ref()
+            .expect("a write transaction is open until commit")
     }
 
-    pub async fn commit(self) -> Result<(), AppError> {
-        let WriteTx {
-            tx,
-            _guard,
-            appended,
-            committed,
-            backend,
-        } = self;
-        if appended > 0 && backend == DbBackend::Postgres {
-            tx.execute_raw(Statement::from_string(
-                DbBackend::Postgres,
-                format!("SELECT pg_notify('{PG_CHANNEL}', '')"),
-            ))
-            .await?;
+    /// The transaction, for a read: the deferred writes are sent first, so the read sees them.
+    pub(crate) async fn reader(&mut self) -> Result<&DatabaseTransaction, AppError> {
+        self.send_deferred().await?;
+        Ok(self.tx())
+    }
+
+    /// Queue a write (insert, update, delete) to be sent with this writer's other writes.
+    /// Values are written into the SQL as literals by sea-query's backend-specific quoting.
+    pub(crate) fn defer(&mut self, stmt: &impl QueryStatementWriter) {
+        let backend = self.guard.as_ref().map(|g| g.backend);
+        self.pending.push(match backend {
+            Some(DbBackend::Postgres) => stmt.to_string(PostgresQueryBuilder),
+            _ => stmt.to_string(SqliteQueryBuilder),
+        });
+    }
+
+    /// Send the deferred writes, all in one statement batch.
+    pub(crate) async fn send_deferred(&mut self) -> Result<(), AppError> {
+        if self.pending.is_empty() {
+            return Ok(());
         }
-        tx.commit().await?;
-        drop(_guard);
-        if appended > 0 {
-            committed.notify_waiters();
-        }
+        let sql = std::mem::take(&mut self.pending).join(";\n");
+        self.tx()
+            .execute_unprepared(&sql)
+            .await
+            .map_err(|e| match AppError::from(e) {
+                AppError::Conflict(_) => AppError::Conflict(
+                    "the data changed concurrently (a record with this identity already exists); retry"
+                        .into(),
+                ),
+                other => other,
+            })?;
         Ok(())
+    }
+
+    /// The log's highest sequence as this transaction sees it.
+    pub(crate) async fn log_head(&mut self) -> Result<i64, AppError> {
+        let cached = self.guard.as_ref().and_then(|g| g.head);
+        if let Some(h) = cached {
+            return Ok(h);
+        }
+        let h = event_log::head(self.reader().await?).await?;
+        if let Some(g) = self.guard.as_mut() {
+            g.head = Some(h);
+        }
+        Ok(h)
+    }
+
+    /// Record that events up to `head` were appended in this transaction.
+    pub(crate) fn appended_up_to(&mut self, head: i64, count: usize) {
+        if let Some(g) = self.guard.as_mut() {
+            g.head = Some(head);
+        }
+        self.appended += count;
+    }
+
+    /// Make this writer's changes part of the batch, and return once the batch has committed.
+    pub async fn commit(mut self) -> Result<(), AppError> {
+        // On failure the drop below rolls this writer back to its savepoint.
+        self.send_deferred().await?;
+        let tx = self.tx.take().expect("commit once");
+        let mut guard = self.guard.take().expect("commit once");
+        if let Err(e) = tx.commit().await {
+            guard.head = self.head_at_start;
+            if guard.waiters.is_empty() {
+                // Nothing else rides on this transaction: start over next time.
+                guard.tx = None;
+            }
+            self.guard = Some(guard);
+            return Err(e.into());
+        }
+        guard.appended += self.appended;
+        guard.writers += 1;
+        if self.queued.load(Ordering::SeqCst) == 0 || guard.waiters.len() + 1 >= MAX_BATCH {
+            return guard.flush().await;
+        }
+        let (done_tx, done_rx) = oneshot::channel();
+        guard.waiters.push(done_tx);
+        drop(guard);
+        match done_rx.await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(AppError::internal(anyhow::anyhow!(
+                "the write batch this change was part of failed to commit"
+            ))),
+        }
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        // Roll back this writer's savepoint first (queued on the connection, in order).
+        drop(self.tx.take());
+        let Some(mut guard) = self.guard.take() else {
+            return;
+        };
+        guard.head = self.head_at_start;
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            // The next writer in line carries on in the batch and settles it.
+            return;
+        }
+        if guard.waiters.is_empty() {
+            // Nothing of anyone's is in the batch: roll it back rather than leave it open.
+            drop(guard.tx.take());
+            guard.appended = 0;
+            guard.writers = 0;
+            guard.head = None;
+            return;
+        }
+        // Writers wait on this batch and nobody else is coming: commit it for them.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = guard.flush().await {
+                    tracing::error!(error = ?e, "committing a write batch failed");
+                }
+            });
+        }
     }
 }

@@ -12,7 +12,7 @@ use crate::error::AppError;
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter,
-    QueryOrder, Set,
+    QueryOrder, QueryTrait, Set,
 };
 
 fn json_list(list: &[String]) -> String {
@@ -224,77 +224,62 @@ pub async fn load_run_state(
     }))
 }
 
-/// Write the rows of `after` that differ from `before`.
-async fn save_run(
-    conn: &impl ConnectionTrait,
-    before: Option<&RunState>,
-    after: &RunState,
-) -> Result<(), AppError> {
-    let new_run = run_to_model(&after.run)?;
+fn insert_row<A: ActiveModelTrait>(w: &mut WriteTx, row: A) {
+    w.defer(&<A::Entity as EntityTrait>::insert(row).into_query());
+}
+
+/// Write the rows of `after` that differ from `before` (deferred: sent with the writer's other
+/// writes).
+fn save_run(w: &mut WriteTx, before: Option<&RunState>, after: &RunState) -> Result<(), AppError> {
+    let new_run = run_to_model(&after.run)?.into_active_model().reset_all();
     match before {
-        None => {
-            new_run.into_active_model().reset_all().insert(conn).await?;
-        }
-        Some(b) if b.run != after.run => {
-            new_run.into_active_model().reset_all().update(conn).await?;
-        }
+        None => insert_row(w, new_run),
+        Some(b) if b.run != after.run => w.defer(
+            &run::Entity::update_many()
+                .set(new_run)
+                .filter(run::Column::Id.eq(after.run.id.clone()))
+                .into_query(),
+        ),
         Some(_) => {}
     }
     for s in &after.stages {
         let old = before.and_then(|b| b.stages.iter().find(|o| o.position == s.position));
+        let row = stage_to_model(s).into_active_model().reset_all();
         match old {
-            None => {
-                stage_to_model(s)
-                    .into_active_model()
-                    .reset_all()
-                    .insert(conn)
-                    .await?;
-            }
-            Some(o) if o != s => {
-                stage_to_model(s)
-                    .into_active_model()
-                    .reset_all()
-                    .update(conn)
-                    .await?;
-            }
+            None => insert_row(w, row),
+            Some(o) if o != s => w.defer(
+                &stage::Entity::update_many()
+                    .set(row)
+                    .filter(stage::Column::RunId.eq(s.run_id.clone()))
+                    .filter(stage::Column::Position.eq(s.position))
+                    .into_query(),
+            ),
             Some(_) => {}
         }
     }
     for a in &after.approvals {
+        let row = approval_to_model(a).into_active_model().reset_all();
         match before.and_then(|b| b.approvals.iter().find(|o| o.id == a.id)) {
-            None => {
-                approval_to_model(a)
-                    .into_active_model()
-                    .reset_all()
-                    .insert(conn)
-                    .await?;
-            }
-            Some(o) if o != a => {
-                approval_to_model(a)
-                    .into_active_model()
-                    .reset_all()
-                    .update(conn)
-                    .await?;
-            }
+            None => insert_row(w, row),
+            Some(o) if o != a => w.defer(
+                &approval::Entity::update_many()
+                    .set(row)
+                    .filter(approval::Column::Id.eq(a.id.clone()))
+                    .into_query(),
+            ),
             Some(_) => {}
         }
     }
     for t in &after.tasks {
+        let row = task_to_model(t).into_active_model().reset_all();
         match before.and_then(|b| b.tasks.iter().find(|o| o.id == t.id)) {
-            None => {
-                task_to_model(t)
-                    .into_active_model()
-                    .reset_all()
-                    .insert(conn)
-                    .await?;
-            }
-            Some(o) if o != t => {
-                task_to_model(t)
-                    .into_active_model()
-                    .reset_all()
-                    .update(conn)
-                    .await?;
-            }
+            None => insert_row(w, row),
+            Some(o) if o != t => w.defer(
+                &task::Entity::update_many()
+                    .set(row)
+                    .filter(task::Column::Id.eq(t.id.clone()))
+                    .into_query(),
+            ),
             Some(_) => {}
         }
     }
@@ -302,35 +287,39 @@ async fn save_run(
     let was_runnable = before.is_some_and(|b| b.run.status.is_runnable());
     let is_runnable = after.run.status.is_runnable();
     if is_runnable && !was_runnable {
-        run_queue::Entity::insert(run_queue::ActiveModel {
-            run_id: Set(after.run.id.clone()),
-            ready_at: Set(after.run.updated_at.clone()),
-            lease_owner: Set(None),
-            lease_until: Set(None),
-        })
-        .on_conflict(
-            OnConflict::column(run_queue::Column::RunId)
-                .update_columns([
-                    run_queue::Column::ReadyAt,
-                    run_queue::Column::LeaseOwner,
-                    run_queue::Column::LeaseUntil,
-                ])
-                .to_owned(),
-        )
-        .exec_without_returning(conn)
-        .await?;
+        w.defer(
+            &run_queue::Entity::insert(run_queue::ActiveModel {
+                run_id: Set(after.run.id.clone()),
+                ready_at: Set(after.run.updated_at.clone()),
+                lease_owner: Set(None),
+                lease_until: Set(None),
+            })
+            .on_conflict(
+                OnConflict::column(run_queue::Column::RunId)
+                    .update_columns([
+                        run_queue::Column::ReadyAt,
+                        run_queue::Column::LeaseOwner,
+                        run_queue::Column::LeaseUntil,
+                    ])
+                    .to_owned(),
+            )
+            .into_query(),
+        );
     } else if !is_runnable && was_runnable {
-        run_queue::Entity::delete_by_id(after.run.id.clone())
-            .exec(conn)
-            .await?;
+        w.defer(
+            &run_queue::Entity::delete_many()
+                .filter(run_queue::Column::RunId.eq(after.run.id.clone()))
+                .into_query(),
+        );
     }
     Ok(())
 }
 
-async fn apply_workspace(conn: &impl ConnectionTrait, ev: &StoredEvent) -> Result<(), AppError> {
+async fn apply_workspace(w: &mut WriteTx, ev: &StoredEvent) -> Result<(), AppError> {
     let at = ev.occurred_at.clone();
     match &ev.body {
-        DomainEvent::BrandCreated { brand_id, name } => {
+        DomainEvent::BrandCreated { brand_id, name } => insert_row(
+            w,
             brand::ActiveModel {
                 id: Set(brand_id.clone()),
                 name: Set(name.clone()),
@@ -338,21 +327,19 @@ async fn apply_workspace(conn: &impl ConnectionTrait, ev: &StoredEvent) -> Resul
                 created_seq: Set(ev.sequence),
                 created_at: Set(at.clone()),
                 updated_at: Set(at),
-            }
-            .insert(conn)
-            .await?;
-        }
-        DomainEvent::BrandUpdated { brand_id, name } => {
-            brand::ActiveModel {
-                id: sea_orm::Unchanged(brand_id.clone()),
-                name: Set(name.clone()),
-                version: Set(ev.stream_version),
-                updated_at: Set(at),
-                ..Default::default()
-            }
-            .update(conn)
-            .await?;
-        }
+            },
+        ),
+        DomainEvent::BrandUpdated { brand_id, name } => w.defer(
+            &brand::Entity::update_many()
+                .set(brand::ActiveModel {
+                    name: Set(name.clone()),
+                    version: Set(ev.stream_version),
+                    updated_at: Set(at),
+                    ..Default::default()
+                })
+                .filter(brand::Column::Id.eq(brand_id.clone()))
+                .into_query(),
+        ),
         DomainEvent::ProjectCreated {
             project_id,
             brand_id,
@@ -360,7 +347,8 @@ async fn apply_workspace(conn: &impl ConnectionTrait, ev: &StoredEvent) -> Resul
             objective,
             channels,
             due_date,
-        } => {
+        } => insert_row(
+            w,
             project::ActiveModel {
                 id: Set(project_id.clone()),
                 brand_id: Set(brand_id.clone()),
@@ -372,37 +360,36 @@ async fn apply_workspace(conn: &impl ConnectionTrait, ev: &StoredEvent) -> Resul
                 created_seq: Set(ev.sequence),
                 created_at: Set(at.clone()),
                 updated_at: Set(at),
-            }
-            .insert(conn)
-            .await?;
-        }
+            },
+        ),
         DomainEvent::ProjectUpdated {
             project_id,
             name,
             objective,
             channels,
             due_date,
-        } => {
-            project::ActiveModel {
-                id: sea_orm::Unchanged(project_id.clone()),
-                name: Set(name.clone()),
-                objective: Set(objective.clone()),
-                channels: Set(json_list(channels)),
-                due_date: Set(due_date.clone()),
-                version: Set(ev.stream_version),
-                updated_at: Set(at),
-                ..Default::default()
-            }
-            .update(conn)
-            .await?;
-        }
+        } => w.defer(
+            &project::Entity::update_many()
+                .set(project::ActiveModel {
+                    name: Set(name.clone()),
+                    objective: Set(objective.clone()),
+                    channels: Set(json_list(channels)),
+                    due_date: Set(due_date.clone()),
+                    version: Set(ev.stream_version),
+                    updated_at: Set(at),
+                    ..Default::default()
+                })
+                .filter(project::Column::Id.eq(project_id.clone()))
+                .into_query(),
+        ),
         DomainEvent::ThreadCreated {
             thread_id,
             project_id,
             brand_id,
             title,
             modes,
-        } => {
+        } => insert_row(
+            w,
             thread::ActiveModel {
                 id: Set(thread_id.clone()),
                 project_id: Set(project_id.clone()),
@@ -415,15 +402,13 @@ async fn apply_workspace(conn: &impl ConnectionTrait, ev: &StoredEvent) -> Resul
                 created_at: Set(at.clone()),
                 updated_at: Set(at.clone()),
                 last_activity_at: Set(at),
-            }
-            .insert(conn)
-            .await?;
-        }
+            },
+        ),
         DomainEvent::ThreadRenamed { thread_id, .. }
         | DomainEvent::ThreadModeAdded { thread_id, .. }
         | DomainEvent::ThreadModeRemoved { thread_id, .. } => {
             let Some(current) = thread::Entity::find_by_id(thread_id.clone())
-                .one(conn)
+                .one(w.reader().await?)
                 .await?
             else {
                 return Err(AppError::internal(anyhow::anyhow!(
@@ -441,39 +426,41 @@ async fn apply_workspace(conn: &impl ConnectionTrait, ev: &StoredEvent) -> Resul
                 DomainEvent::ThreadModeRemoved { mode, .. } => modes.retain(|m| m != mode),
                 _ => {}
             }
-            let mut am = current.into_active_model();
-            am.title = Set(title);
-            am.modes = Set(json_list(&modes));
-            am.version = Set(ev.stream_version);
-            am.updated_at = Set(at.clone());
-            am.last_activity_at = Set(at);
-            am.update(conn).await?;
+            w.defer(
+                &thread::Entity::update_many()
+                    .set(thread::ActiveModel {
+                        title: Set(title),
+                        modes: Set(json_list(&modes)),
+                        version: Set(ev.stream_version),
+                        updated_at: Set(at.clone()),
+                        last_activity_at: Set(at),
+                        ..Default::default()
+                    })
+                    .filter(thread::Column::Id.eq(thread_id.clone()))
+                    .into_query(),
+            );
         }
         _ => {}
     }
     Ok(())
 }
 
-async fn touch_thread(
-    conn: &impl ConnectionTrait,
-    thread_id: &str,
-    at: &str,
-) -> Result<(), AppError> {
-    thread::Entity::update_many()
-        .col_expr(
-            thread::Column::LastActivityAt,
-            sea_orm::sea_query::Expr::value(at.to_string()),
-        )
-        .filter(thread::Column::Id.eq(thread_id))
-        .exec(conn)
-        .await?;
-    Ok(())
+fn touch_thread(w: &mut WriteTx, thread_id: &str, at: &str) {
+    w.defer(
+        &thread::Entity::update_many()
+            .col_expr(
+                thread::Column::LastActivityAt,
+                sea_orm::sea_query::Expr::value(at.to_string()),
+            )
+            .filter(thread::Column::Id.eq(thread_id))
+            .into_query(),
+    );
 }
 
 /// Project a batch of events. Run events of one batch belong to one run; `run` is its state
 /// before the batch when the caller has it (else it is loaded). Returns the run's new state.
 pub async fn project(
-    conn: &impl ConnectionTrait,
+    w: &mut WriteTx,
     events: &[StoredEvent],
     run: Option<RunState>,
 ) -> Result<Option<RunState>, AppError> {
@@ -490,16 +477,16 @@ pub async fn project(
             | DomainEvent::ThreadCreated { .. }
             | DomainEvent::ThreadRenamed { .. }
             | DomainEvent::ThreadModeAdded { .. }
-            | DomainEvent::ThreadModeRemoved { .. } => apply_workspace(conn, ev).await?,
+            | DomainEvent::ThreadModeRemoved { .. } => apply_workspace(w, ev).await?,
             DomainEvent::WorkflowRunQueued { thread_id, .. } => {
                 state = RunState::from_queued(ev);
                 before = None;
-                touch_thread(conn, thread_id, &ev.occurred_at).await?;
+                touch_thread(w, thread_id, &ev.occurred_at);
             }
             body => {
                 if state.is_none() {
                     let run_id = ev.run_id.as_deref().unwrap_or_default();
-                    state = load_run_state(conn, run_id).await?;
+                    state = load_run_state(w.reader().await?, run_id).await?;
                     before = state.clone();
                 }
                 let Some(s) = state.as_mut() else {
@@ -538,21 +525,20 @@ pub async fn project(
         }
     }
     if !timeline.is_empty() {
-        timeline_item::Entity::insert_many(timeline)
-            .exec_without_returning(conn)
-            .await?;
+        w.defer(&timeline_item::Entity::insert_many(timeline).into_query());
     }
     if let Some(after) = &state {
-        save_run(conn, before.as_ref(), after).await?;
+        save_run(w, before.as_ref(), after)?;
     }
     for (run_id, stage_key, attempt, artifacts) in completed {
-        artifact::Entity::delete_many()
-            .filter(artifact::Column::RunId.eq(run_id.clone()))
-            .filter(artifact::Column::StageKey.eq(stage_key.clone()))
-            .exec(conn)
-            .await?;
+        w.defer(
+            &artifact::Entity::delete_many()
+                .filter(artifact::Column::RunId.eq(run_id.clone()))
+                .filter(artifact::Column::StageKey.eq(stage_key.clone()))
+                .into_query(),
+        );
         if !artifacts.is_empty() {
-            artifact::Entity::insert_many(artifacts.iter().map(|a| artifact::ActiveModel {
+            let rows = artifacts.iter().map(|a| artifact::ActiveModel {
                 run_id: Set(run_id.clone()),
                 stage_key: Set(stage_key.clone()),
                 path: Set(a.path.clone()),
@@ -560,9 +546,8 @@ pub async fn project(
                 sha256: Set(a.sha256.clone()),
                 size: Set(a.size),
                 attempt: Set(attempt as i32),
-            }))
-            .exec_without_returning(conn)
-            .await?;
+            });
+            w.defer(&artifact::Entity::insert_many(rows).into_query());
         }
     }
     Ok(state)
@@ -581,11 +566,11 @@ impl WriteTx {
         let stored = self
             .append(stream_id, expected_version, meta, events)
             .await?;
-        let state = project(self.tx(), &stored, run).await?;
+        let state = project(self, &stored, run).await?;
         Ok((stored, state))
     }
 
-    pub async fn load_run_state(&self, run_id: &str) -> Result<Option<RunState>, AppError> {
-        load_run_state(self.tx(), run_id).await
+    pub async fn load_run_state(&mut self, run_id: &str) -> Result<Option<RunState>, AppError> {
+        load_run_state(self.reader().await?, run_id).await
     }
 }

@@ -44,10 +44,20 @@ impl Store {
             )
             .filter(run_queue::Column::RunId.in_subquery(oldest))
             .filter(claimable(&now));
-        // Serialized with the other local writers (SQLite has one writer; this avoids its busy
-        // waits), but no transaction of its own: the single statement is atomic.
-        let _guard = self.write_lock.clone().lock_owned().await;
-        let claimed = update.exec_with_returning(self.conn()).await?;
+        // Look first, outside the write lock: most claims after a run stops at a gate find
+        // nothing, and a miss must not cost a turn in the write batch. (A run queued after this
+        // look wakes the worker, which registered for the wake-up before claiming.)
+        let anything = run_queue::Entity::find()
+            .filter(claimable(&now))
+            .one(self.conn())
+            .await?;
+        if anything.is_none() {
+            return Ok(None);
+        }
+        // A writer like any other: it rides in the write batch (SQLite has one writer).
+        let w = self.write().await?;
+        let claimed = update.exec_with_returning(w.tx()).await?;
+        w.commit().await?;
         Ok(claimed.into_iter().next().map(|m| m.run_id))
     }
 
@@ -58,10 +68,9 @@ impl Store {
         owner: &str,
         lease_seconds: f64,
     ) -> Result<bool, AppError> {
-        // Under the write lock like every local write: on SQLite a write from outside it could
-        // commit between another transaction's first read and its first write, which then fails
-        // with SQLITE_BUSY (a snapshot cannot be upgraded).
-        let _guard = self.write_lock.clone().lock_owned().await;
+        // In the write batch like every local write: on SQLite a write from outside it would
+        // wait for the batch's lock on the file.
+        let w = self.write().await?;
         let res = run_queue::Entity::update_many()
             .col_expr(
                 run_queue::Column::LeaseUntil,
@@ -69,14 +78,15 @@ impl Store {
             )
             .filter(run_queue::Column::RunId.eq(run_id))
             .filter(run_queue::Column::LeaseOwner.eq(owner))
-            .exec(self.conn())
+            .exec(w.tx())
             .await?;
+        w.commit().await?;
         Ok(res.rows_affected == 1)
     }
 
     /// Give a claimed run back (it stays queued if it is still runnable).
     pub async fn release_lease(&self, run_id: &str, owner: &str) -> Result<(), AppError> {
-        let _guard = self.write_lock.clone().lock_owned().await;
+        let w = self.write().await?;
         run_queue::Entity::update_many()
             .col_expr(
                 run_queue::Column::LeaseOwner,
@@ -88,8 +98,8 @@ impl Store {
             )
             .filter(run_queue::Column::RunId.eq(run_id))
             .filter(run_queue::Column::LeaseOwner.eq(owner))
-            .exec(self.conn())
+            .exec(w.tx())
             .await?;
-        Ok(())
+        w.commit().await
     }
 }

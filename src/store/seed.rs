@@ -212,7 +212,7 @@ impl Store {
         let mut report = SeedReport::default();
         while report.events < min_events {
             let mut w = self.write().await?;
-            let head = event_log::head(w.tx()).await?;
+            let head = w.log_head().await?;
             let mut sim = Sim {
                 next_sequence: head + 1,
                 thread: &threads[0],
@@ -228,7 +228,7 @@ impl Store {
             }
             let n_runs = histories.len() as u64;
             write_histories(w.tx(), histories).await?;
-            w.appended += events_in_tx as usize;
+            w.appended_up_to(head + events_in_tx as i64, events_in_tx as usize);
             w.commit().await?;
             report.runs += n_runs;
             report.events += events_in_tx;

@@ -11,5 +11,6 @@ mod runs;
 mod runtime_faults;
 mod schema;
 mod startup;
+mod store;
 mod subscriptions;
 mod workspace;

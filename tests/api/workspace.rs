@@ -164,6 +164,8 @@ async fn bad_input_gets_a_code_and_writes_nothing(backend: Backend) {
         ("mutation { approveWorkflowRun(input:{runId:\"ghost\"}) { resumeApplied } }", json!({}), "NOT_FOUND"),
         ("mutation { completeTask(input:{taskId:\"ghost\"}) { task { id } } }", json!({}), "NOT_FOUND"),
         ("mutation { createProject(input:{brandId:\"x\", name:\"x\", dueDate:\"31/12/2026\"}) { project { id } } }", json!({}), "VALIDATION"),
+        ("mutation($n:String!) { createBrand(input:{name:$n}) { brand { id } } }", json!({"n": "a\u{0}b"}), "VALIDATION"),
+        ("mutation($t:ID!, $r:String!) { startWorkflowRun(input:{threadId:$t, requestText:$r, mode:\"plan_90d\"}) { run { id } } }", json!({"t": thread, "r": "x\u{0}"}), "VALIDATION"),
     ];
     for (q, vars, code) in cases {
         assert_eq!(app.error_code(q, vars).await, code, "{q}");
