@@ -27,9 +27,6 @@ pub fn is_safe_relative(path: &str) -> bool {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -38,7 +35,16 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         ".{file_name}.{}.tmp",
         crate::domain::ids::generate("")
     ));
-    std::fs::write(&tmp, bytes)?;
+    // Directories are made on the first miss only: most writes go to one that exists.
+    if let Err(e) = std::fs::write(&tmp, bytes) {
+        match path.parent() {
+            Some(dir) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir)?;
+                std::fs::write(&tmp, bytes)?;
+            }
+            _ => return Err(e),
+        }
+    }
     std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })

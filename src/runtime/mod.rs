@@ -173,8 +173,18 @@ impl Runtime {
 
     async fn drive(&self, run_id: &str, lost: &AtomicBool) -> Result<Drive, AppError> {
         let services = &self.services;
-        let Some(mut state) = services.store.run_state(run_id).await? else {
-            return Ok(Drive::Done);
+        // This process's last committed state of the run saves loading it; a stale copy cannot
+        // write (see `advance_run`), and "nothing to do" is checked against the store.
+        let mut fresh = false;
+        let mut state = match services.runs.get(run_id) {
+            Some(s) => s,
+            None => {
+                fresh = true;
+                match services.store.run_state(run_id).await? {
+                    Some(s) => s,
+                    None => return Ok(Drive::Done),
+                }
+            }
         };
         // An attempt this worker has just started (its StageStarted is committed).
         let mut in_flight: Option<(String, u32)> = None;
@@ -187,6 +197,14 @@ impl Runtime {
             let result = match in_flight.take() {
                 Some((stage_key, attempt)) => self.execute(&state, &stage_key, attempt).await,
                 None => match state.next_step() {
+                    Step::Idle if !fresh => {
+                        fresh = true;
+                        match services.store.run_state(run_id).await? {
+                            Some(s) => state = s,
+                            None => return Ok(Drive::Done),
+                        }
+                        continue;
+                    }
                     Step::Idle => {
                         // Not runnable any more: the queue row is gone, unless the run is
                         // somehow still runnable (then give the lease back).
@@ -240,10 +258,12 @@ impl Runtime {
                     if conflicts > 3 {
                         return Ok(Drive::Release);
                     }
+                    services.runs.forget(run_id);
                     match services.store.run_state(run_id).await? {
                         Some(s) => state = s,
                         None => return Ok(Drive::Done),
                     }
+                    fresh = true;
                 }
                 Err(e) => return Err(e),
             }
@@ -270,7 +290,24 @@ impl Runtime {
         let outcome = async {
             let timeout = Duration::from_secs_f64(stage.timeout_seconds);
             match tokio::time::timeout(timeout, self.runner.execute(&ctx)).await {
-                Ok(Ok(output)) => services.artifacts.write_stage(&ctx, &output, &started_at),
+                Ok(Ok(output)) => {
+                    // File work on the blocking pool: it must not stall the async workers
+                    // (one of them may be holding the write lock).
+                    let artifacts = services.artifacts.clone();
+                    let ctx = ctx.clone();
+                    let started_at = started_at.clone();
+                    tokio::task::spawn_blocking(move || {
+                        artifacts.write_stage(&ctx, &output, &started_at)
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(StageError {
+                            code: crate::runner::ARTIFACT_WRITE_ERROR.into(),
+                            message: format!("writing the artifacts stopped: {e}"),
+                            retryable: true,
+                        })
+                    })
+                }
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(StageError {
                     code: STAGE_TIMEOUT.into(),

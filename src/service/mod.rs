@@ -35,6 +35,55 @@ impl Caller {
     }
 }
 
+/// The last committed state of recently changed runs, kept after each commit of this process.
+/// A copy may be stale (another instance, or a write that failed after it): every user either
+/// checks its version in the write transaction or relies on the stream-version index, which
+/// refuses events decided on a stale state (`CONFLICT`).
+#[derive(Default)]
+pub struct RunCache {
+    runs: std::sync::Mutex<std::collections::HashMap<String, crate::domain::run::RunState>>,
+}
+
+/// Runs the cache keeps at most (active runs; finished ones leave it).
+const RUN_CACHE_CAPACITY: usize = 10_000;
+
+impl RunCache {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, crate::domain::run::RunState>>
+    {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, run_id: &str) -> Option<crate::domain::run::RunState> {
+        self.lock().get(run_id).cloned()
+    }
+
+    pub fn put(&self, state: &crate::domain::run::RunState) {
+        let mut runs = self.lock();
+        if state.run.status.is_terminal() {
+            runs.remove(&state.run.id);
+            return;
+        }
+        if runs.len() >= RUN_CACHE_CAPACITY && !runs.contains_key(&state.run.id) {
+            runs.clear();
+        }
+        runs.insert(state.run.id.clone(), state.clone());
+    }
+
+    pub fn forget(&self, run_id: &str) {
+        self.lock().remove(run_id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 pub struct Services {
     pub store: Arc<Store>,
     pub profiles: Arc<ProfileSet>,
@@ -42,6 +91,7 @@ pub struct Services {
     pub artifacts: ArtifactStore,
     /// Wakes the runtime's workers when a run becomes runnable.
     pub wake: Arc<Notify>,
+    pub runs: RunCache,
 }
 
 impl Services {
@@ -57,6 +107,7 @@ impl Services {
             settings,
             artifacts,
             wake: Arc::new(Notify::new()),
+            runs: RunCache::default(),
         }
     }
 }

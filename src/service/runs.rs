@@ -78,7 +78,8 @@ impl Services {
     }
 
     /// After a commit: keep run.json current and wake the workers if the run is runnable.
-    fn after_run_change(&self, before: &RunState, after: &RunState) {
+    async fn after_run_change(&self, before: &RunState, after: &RunState) {
+        self.runs.put(after);
         let completed = |s: &RunState| {
             s.stages
                 .iter()
@@ -86,7 +87,11 @@ impl Services {
                 .count()
         };
         if before.run.status != after.run.status || completed(before) != completed(after) {
-            if let Err(e) = self.artifacts.write_run_json(after) {
+            let artifacts = self.artifacts.clone();
+            let state = after.clone();
+            let written =
+                tokio::task::spawn_blocking(move || artifacts.write_run_json(&state)).await;
+            if let Ok(Err(e)) = written {
                 tracing::warn!(run_id = %after.run.id, error = ?e, "could not write run.json");
             }
         }
@@ -146,8 +151,11 @@ impl Services {
         };
         w.remember(&idem, &outcome).await?;
         w.commit().await?;
+        self.runs.put(&state);
         tracing::info!(run_id = %run_id, mode = %state.run.plan.effective_mode, "run queued");
-        if let Err(e) = self.artifacts.write_plan(&state) {
+        let artifacts = self.artifacts.clone();
+        let written = tokio::task::spawn_blocking(move || artifacts.write_plan(&state)).await;
+        if let Ok(Err(e)) = written {
             tracing::error!(run_id = %run_id, error = ?e, "could not write plan.json");
         }
         self.wake.notify_one();
@@ -167,10 +175,18 @@ impl Services {
             w.commit().await?;
             return Ok(replay);
         }
-        let state = w
-            .load_run_state(run_id)
-            .await?
-            .ok_or_else(|| AppError::not_found("run", run_id))?;
+        // The cached state when it is the stored one (same stream version), else load it.
+        let cached = match self.runs.get(run_id) {
+            Some(c) if w.run_version(run_id).await? == Some(c.run.version) => Some(c),
+            _ => None,
+        };
+        let state = match cached {
+            Some(c) => c,
+            None => w
+                .load_run_state(run_id)
+                .await?
+                .ok_or_else(|| AppError::not_found("run", run_id))?,
+        };
         let (events, resume_applied) = decide(&state)?;
         let before = state.clone();
         let meta = EventMeta {
@@ -185,7 +201,7 @@ impl Services {
         };
         w.remember(&idem, &outcome).await?;
         w.commit().await?;
-        self.after_run_change(&before, &state);
+        self.after_run_change(&before, &state).await;
         Ok(outcome)
     }
 
@@ -363,7 +379,7 @@ impl Services {
             };
         }
         w.commit().await?;
-        self.after_run_change(&before, &state);
+        self.after_run_change(&before, &state).await;
         Ok((state, started))
     }
 }

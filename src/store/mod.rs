@@ -17,15 +17,14 @@ mod rows;
 pub mod seed;
 
 use crate::error::AppError;
-use sea_orm::sea_query::{PostgresQueryBuilder, QueryStatementWriter, SqliteQueryBuilder};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    DbErr, SqlErr, Statement, TransactionTrait,
+    DbErr, SqlErr, Statement, StatementBuilder, TransactionTrait,
 };
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Mutex, Notify, OwnedMutexGuard};
 
 pub use rows::{
@@ -67,6 +66,9 @@ struct Batch {
     head: Option<i64>,
     /// Writers whose savepoint is released into `tx`.
     writers: u64,
+    /// Since when the first of `waiters` waits: past [`max_batch_age`] the batch commits,
+    /// however many writers queue.
+    waiting_since: Option<Instant>,
     committed: Arc<Notify>,
     stats: Arc<WriteStats>,
 }
@@ -98,8 +100,25 @@ impl std::fmt::Debug for Batch {
     }
 }
 
-/// Most writers one transaction carries before it commits even though more are queued.
-const MAX_BATCH: usize = 64;
+/// Most writers one transaction carries before it commits even though more are queued
+/// (`VM_WRITE_BATCH_MAX`, default 64).
+fn max_batch() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| env_number("VM_WRITE_BATCH_MAX").unwrap_or(64.0).max(1.0) as usize)
+}
+
+/// Longest the first writer of a batch waits while writers keep coming
+/// (`VM_WRITE_BATCH_MAX_MS`, default 4).
+fn max_batch_age() -> Duration {
+    static V: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        Duration::from_secs_f64(env_number("VM_WRITE_BATCH_MAX_MS").unwrap_or(4.0).max(0.0) / 1e3)
+    })
+}
+
+fn env_number(name: &str) -> Option<f64> {
+    std::env::var(name).ok()?.trim().parse().ok()
+}
 
 impl Batch {
     /// Commit the open transaction (if any) and tell every waiting writer how it went.
@@ -109,6 +128,7 @@ impl Batch {
         };
         let appended = std::mem::take(&mut self.appended);
         let writers = std::mem::take(&mut self.writers);
+        self.waiting_since = None;
         self.head = None;
         let waiters = std::mem::take(&mut self.waiters);
         let result = async {
@@ -230,6 +250,7 @@ impl Store {
                 appended: 0,
                 head: None,
                 writers: 0,
+                waiting_since: None,
                 committed: committed.clone(),
                 stats: stats.clone(),
             })),
@@ -330,9 +351,9 @@ pub struct WriteTx {
     queued: Arc<AtomicUsize>,
     head_at_start: Option<i64>,
     appended: usize,
-    /// Writes not sent yet: they go to the database together, in one round trip, before the next
-    /// read of this writer or at its commit.
-    pending: Vec<String>,
+    /// Writes not sent yet: they go to the database before the next read of this writer or at
+    /// its commit (one place where a writer's writes leave, in order).
+    pending: Vec<Statement>,
 }
 
 impl WriteTx {
@@ -349,32 +370,24 @@ impl WriteTx {
         Ok(self.tx())
     }
 
-    /// Queue a write (insert, update, delete) to be sent with this writer's other writes.
-    /// Values are written into the SQL as literals by sea-query's backend-specific quoting.
-    pub(crate) fn defer(&mut self, stmt: &impl QueryStatementWriter) {
-        let backend = self.guard.as_ref().map(|g| g.backend);
-        self.pending.push(match backend {
-            Some(DbBackend::Postgres) => stmt.to_string(PostgresQueryBuilder),
-            _ => stmt.to_string(SqliteQueryBuilder),
-        });
+    /// Queue a write (insert, update, delete): it is sent before this writer's next read, or at
+    /// its commit, as a prepared statement with bound values (cached by the driver).
+    pub(crate) fn defer(&mut self, stmt: &impl StatementBuilder) {
+        let backend = self.guard.as_ref().map_or(DbBackend::Sqlite, |g| g.backend);
+        self.pending.push(backend.build(stmt));
     }
 
-    /// Send the deferred writes, all in one statement batch.
+    /// Send the deferred writes, in order.
     pub(crate) async fn send_deferred(&mut self) -> Result<(), AppError> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let sql = std::mem::take(&mut self.pending).join(";\n");
-        self.tx()
-            .execute_unprepared(&sql)
-            .await
-            .map_err(|e| match AppError::from(e) {
+        for stmt in std::mem::take(&mut self.pending) {
+            self.tx().execute_raw(stmt).await.map_err(|e| match AppError::from(e) {
                 AppError::Conflict(_) => AppError::Conflict(
                     "the data changed concurrently (a record with this identity already exists); retry"
                         .into(),
                 ),
                 other => other,
             })?;
+        }
         Ok(())
     }
 
@@ -416,10 +429,16 @@ impl WriteTx {
         }
         guard.appended += self.appended;
         guard.writers += 1;
-        if self.queued.load(Ordering::SeqCst) == 0 || guard.waiters.len() + 1 >= MAX_BATCH {
+        if self.queued.load(Ordering::SeqCst) == 0
+            || guard.waiters.len() + 1 >= max_batch()
+            || guard
+                .waiting_since
+                .is_some_and(|t| t.elapsed() >= max_batch_age())
+        {
             return guard.flush().await;
         }
         let (done_tx, done_rx) = oneshot::channel();
+        guard.waiting_since.get_or_insert_with(Instant::now);
         guard.waiters.push(done_tx);
         drop(guard);
         match done_rx.await {
@@ -448,6 +467,7 @@ impl Drop for WriteTx {
             drop(guard.tx.take());
             guard.appended = 0;
             guard.writers = 0;
+            guard.waiting_since = None;
             guard.head = None;
             return;
         }

@@ -12,7 +12,7 @@ use crate::error::AppError;
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter,
-    QueryOrder, QueryTrait, Set,
+    QueryOrder, QuerySelect, QueryTrait, Set,
 };
 
 fn json_list(list: &[String]) -> String {
@@ -231,15 +231,28 @@ fn insert_row<A: ActiveModelTrait>(w: &mut WriteTx, row: A) {
 /// Write the rows of `after` that differ from `before` (deferred: sent with the writer's other
 /// writes).
 fn save_run(w: &mut WriteTx, before: Option<&RunState>, after: &RunState) -> Result<(), AppError> {
-    let new_run = run_to_model(&after.run)?.into_active_model().reset_all();
     match before {
-        None => insert_row(w, new_run),
-        Some(b) if b.run != after.run => w.defer(
-            &run::Entity::update_many()
-                .set(new_run)
-                .filter(run::Column::Id.eq(after.run.id.clone()))
-                .into_query(),
-        ),
+        None => insert_row(w, run_to_model(&after.run)?.into_active_model().reset_all()),
+        Some(b) if b.run != after.run => {
+            // Only what events change: the plan and the ids are fixed when the run is queued.
+            let r = &after.run;
+            let changes = run::ActiveModel {
+                status: Set(r.status.as_str().into()),
+                current_stage: Set(r.current_stage.clone()),
+                version: Set(r.version),
+                last_event_id: Set(r.last_event_id.clone()),
+                updated_at: Set(r.updated_at.clone()),
+                started_at: Set(r.started_at.clone()),
+                finished_at: Set(r.finished_at.clone()),
+                ..Default::default()
+            };
+            w.defer(
+                &run::Entity::update_many()
+                    .set(changes)
+                    .filter(run::Column::Id.eq(r.id.clone()))
+                    .into_query(),
+            )
+        }
         Some(_) => {}
     }
     for s in &after.stages {
@@ -568,6 +581,16 @@ impl WriteTx {
             .await?;
         let state = project(self, &stored, run).await?;
         Ok((stored, state))
+    }
+
+    /// The stored stream version of a run (None if there is no such run).
+    pub async fn run_version(&mut self, run_id: &str) -> Result<Option<i64>, AppError> {
+        Ok(run::Entity::find_by_id(run_id.to_string())
+            .select_only()
+            .column(run::Column::Version)
+            .into_tuple::<i64>()
+            .one(self.reader().await?)
+            .await?)
     }
 
     pub async fn load_run_state(&mut self, run_id: &str) -> Result<Option<RunState>, AppError> {

@@ -5,6 +5,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use vm_workflow::domain::events::{Actor, DomainEvent, EventMeta};
+use vm_workflow::domain::run::RunStatus;
 use vm_workflow::store::event_log::NewEvent;
 use vm_workflow::store::{EventFilter, Store};
 
@@ -146,7 +147,7 @@ async fn concurrent_writes_share_commits(backend: Backend) {
 }
 
 /// Text with quotes, backslashes, control characters and non-ASCII survives the write path
-/// (writes are sent as SQL text with quoted literals) byte for byte, on both backends.
+/// byte for byte, on both backends.
 async fn awkward_text_round_trips(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let name = "O'Brien \\ \"quoted\" ''; DROP TABLE brands; -- \\n\n\t\r\u{8} é ✓ 𝄞 \\'";
@@ -182,3 +183,57 @@ crate::both_backends!(
     concurrent_writes_share_commits,
     awkward_text_round_trips
 );
+
+fn pending_stage(run: &serde_json::Value) -> Option<String> {
+    run["pendingApprovals"][0]["stageKey"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Two instances on one Postgres; B executes the runs (A has no workers). A's copy of the run
+/// (from its own last command) is stale each time a gate is reached; approvals on A still decide
+/// on the stored run, and the run completes with one approval per gate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_stale_run_copy_on_another_instance_misleads_nothing() {
+    let mut oa = Options::new(Backend::Postgres);
+    oa.workers = 0;
+    let a = TestApp::spawn_with(oa).await;
+    let mut ob = Options::new(Backend::Postgres);
+    ob.database_url = Some(a.database_url.clone());
+    ob.data_dir = Some(a.data_dir.clone());
+    let b = TestApp::spawn_with(ob).await;
+    let thread = a.thread().await;
+    let run = a.start_run_id(&thread, "content_calendar").await;
+    let mut approved_stages = Vec::new();
+    loop {
+        let r = a
+            .wait_status(&run, &["WAITING_APPROVAL", "COMPLETED"])
+            .await;
+        if r["status"] == json!("COMPLETED") {
+            break;
+        }
+        let stage = pending_stage(&r).expect("a pending gate");
+        if approved_stages.last() == Some(&stage) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let copy = a.services.runs.get(&run).expect("A keeps its last copy");
+        assert_ne!(
+            copy.run.status,
+            RunStatus::WaitingApproval,
+            "A's copy is from before B reached the gate"
+        );
+        let approved = a.approve(&run, None).await;
+        assert_eq!(approved["approval"]["stageKey"], json!(stage), "{approved}");
+        approved_stages.push(stage);
+    }
+    assert_eq!(approved_stages.len(), 3, "{approved_stages:?}");
+    let events = a.event_types(&run).await;
+    let count = |t: &str| events.iter().filter(|e| *e == t).count();
+    assert_eq!(
+        (count("ApprovalGranted"), count("WorkflowRunStageCompleted")),
+        (3, 4),
+        "{events:?}"
+    );
+    drop(b);
+}
