@@ -110,6 +110,9 @@ pub struct CancelWorkflowRunPayload {
 }
 
 async fn load_run(s: &Services, outcome: &RunOutcome) -> Result<WorkflowRun, AppError> {
+    if let Some(state) = &outcome.state {
+        return Ok(WorkflowRun(state.run.clone()));
+    }
     s.store
         .run(&outcome.run_id)
         .await?
@@ -117,13 +120,17 @@ async fn load_run(s: &Services, outcome: &RunOutcome) -> Result<WorkflowRun, App
         .ok_or_else(|| AppError::not_found("run", &outcome.run_id))
 }
 
+/// The approval of the gate a decision was about (`stage_key`, else the gate the run waited at).
 async fn gate_approval(
     s: &Services,
-    run: &WorkflowRun,
+    outcome: &RunOutcome,
     stage_key: Option<&str>,
 ) -> Result<Option<Approval>, AppError> {
-    let key = stage_key.or(run.0.current_stage.as_deref());
-    let approvals = s.store.approvals_of_run(&run.0.id).await?;
+    let key = stage_key.or(outcome.gate.as_deref());
+    let approvals = match &outcome.state {
+        Some(state) => state.approvals.clone(),
+        None => s.store.approvals_of_run(&outcome.run_id).await?,
+    };
     Ok(approvals
         .into_iter()
         .find(|a| Some(a.stage_key.as_str()) == key)
@@ -167,13 +174,11 @@ impl RunMutation {
             stage_key: input.stage_key,
             comment: input.comment,
         };
-        let before = s.store.run(&c.run_id).await?;
         let outcome = s
             .approve_run(&caller(ctx), c, input.idempotency_key)
             .await?;
         let run = load_run(s, &outcome).await?;
-        let key = stage_key.or_else(|| before.and_then(|r| r.current_stage));
-        let approval = gate_approval(s, &run, key.as_deref()).await?;
+        let approval = gate_approval(s, &outcome, stage_key.as_deref()).await?;
         Ok(ApproveWorkflowRunPayload {
             run,
             approval,
@@ -194,11 +199,9 @@ impl RunMutation {
             stage_key: input.stage_key,
             comment: input.comment,
         };
-        let before = s.store.run(&c.run_id).await?;
         let outcome = s.reject_run(&caller(ctx), c, input.idempotency_key).await?;
         let run = load_run(s, &outcome).await?;
-        let key = stage_key.or_else(|| before.and_then(|r| r.current_stage));
-        let approval = gate_approval(s, &run, key.as_deref()).await?;
+        let approval = gate_approval(s, &outcome, stage_key.as_deref()).await?;
         Ok(RejectWorkflowRunPayload { run, approval })
     }
 

@@ -34,6 +34,12 @@ pub struct RunOutcome {
     pub run_id: String,
     /// For approve and resume: whether the run was moved back to the worker.
     pub resume_applied: bool,
+    /// The gate the run waited at when the command was decided (what approve/reject decided).
+    #[serde(default)]
+    pub gate: Option<String>,
+    /// The run as this command committed it (absent on an idempotent replay).
+    #[serde(skip)]
+    pub state: Option<RunState>,
 }
 
 fn run_events(state: &RunState, events: Vec<DomainEvent>) -> Vec<NewEvent> {
@@ -148,6 +154,8 @@ impl Services {
         let outcome = RunOutcome {
             run_id: run_id.clone(),
             resume_applied: false,
+            gate: None,
+            state: Some(state.clone()),
         };
         w.remember(&idem, &outcome).await?;
         w.commit().await?;
@@ -198,6 +206,8 @@ impl Services {
         let outcome = RunOutcome {
             run_id: run_id.to_string(),
             resume_applied,
+            gate: before.run.current_stage.clone(),
+            state: Some(state.clone()),
         };
         w.remember(&idem, &outcome).await?;
         w.commit().await?;
