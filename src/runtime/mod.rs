@@ -84,7 +84,6 @@ impl Runtime {
 
     async fn worker(self: Arc<Self>, index: usize, mut shutdown: watch::Receiver<bool>) {
         let wake = self.services.wake.clone();
-        let scan = self.config.workers as u64 * 2;
         loop {
             if *shutdown.borrow() {
                 return;
@@ -95,7 +94,7 @@ impl Runtime {
             match self
                 .services
                 .store
-                .claim_run(&self.owner, self.config.lease_seconds, scan)
+                .claim_run(&self.owner, self.config.lease_seconds)
                 .await
             {
                 Ok(Some(run_id)) => {

@@ -74,14 +74,6 @@ impl RunCache {
     pub fn forget(&self, run_id: &str) {
         self.lock().remove(run_id);
     }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 pub struct Services {

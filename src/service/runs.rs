@@ -190,10 +190,7 @@ impl Services {
         };
         let state = match cached {
             Some(c) => c,
-            None => w
-                .load_run_state(run_id)
-                .await?
-                .ok_or_else(|| AppError::not_found("run", run_id))?,
+            None => w.run_state(run_id).await?,
         };
         let (events, resume_applied) = decide(&state)?;
         let before = state.clone();
@@ -358,10 +355,7 @@ impl Services {
         let mut w = self.store.write().await?;
         let state = match known {
             Some(s) => s,
-            None => w
-                .load_run_state(run_id)
-                .await?
-                .ok_or_else(|| AppError::not_found("run", run_id))?,
+            None => w.run_state(run_id).await?,
         };
         let before = state.clone();
         let mut events = decide(&state)?;

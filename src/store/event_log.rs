@@ -57,7 +57,8 @@ impl WriteTx {
         }
         // A concurrent writer on the same stream version makes this fail at the latest at
         // commit (unique index on stream and version), as `CONFLICT`.
-        self.defer(&event::Entity::insert_many(models).into_query());
+        self.exec(&event::Entity::insert_many(models).into_query())
+            .await?;
         let count = stored.len();
         self.appended_up_to(first_sequence + count as i64 - 1, count);
         Ok(stored)

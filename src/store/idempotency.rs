@@ -42,14 +42,14 @@ impl Idempotency {
 impl WriteTx {
     /// The stored answer for a replay, or `IDEMPOTENCY_KEY_REUSED` for a different input.
     pub async fn replayed<T: serde::de::DeserializeOwned>(
-        &mut self,
+        &self,
         idem: &Idempotency,
     ) -> Result<Option<T>, AppError> {
         let Some(key) = &idem.key else {
             return Ok(None);
         };
         let found = idempotency_key::Entity::find_by_id((idem.mutation.to_string(), key.clone()))
-            .one(self.reader().await?)
+            .one(self.tx())
             .await?;
         match found {
             None => Ok(None),
@@ -61,7 +61,7 @@ impl WriteTx {
     }
 
     pub async fn remember(
-        &mut self,
+        &self,
         idem: &Idempotency,
         response: &impl Serialize,
     ) -> Result<(), AppError> {
@@ -75,7 +75,8 @@ impl WriteTx {
             response: Set(serde_json::to_string(response)?),
             created_at: Set(time::now()),
         };
-        self.defer(&idempotency_key::Entity::insert(row).into_query());
+        self.exec(&idempotency_key::Entity::insert(row).into_query())
+            .await?;
         Ok(())
     }
 }

@@ -338,7 +338,6 @@ impl Store {
             queued: self.queued.clone(),
             head_at_start,
             appended: 0,
-            pending: Vec::new(),
         })
     }
 }
@@ -351,43 +350,30 @@ pub struct WriteTx {
     queued: Arc<AtomicUsize>,
     head_at_start: Option<i64>,
     appended: usize,
-    /// Writes not sent yet: they go to the database before the next read of this writer or at
-    /// its commit (one place where a writer's writes leave, in order).
-    pending: Vec<Statement>,
 }
 
 impl WriteTx {
-    /// The transaction, for statements that need nothing this writer has deferred.
+    /// This writer's savepoint transaction, for reads and writes.
     pub(crate) fn tx(&self) -> &DatabaseTransaction {
         self.tx
             .as_ref()
             .expect("a write transaction is open until commit")
     }
 
-    /// The transaction, for a read: the deferred writes are sent first, so the read sees them.
-    pub(crate) async fn reader(&mut self) -> Result<&DatabaseTransaction, AppError> {
-        self.send_deferred().await?;
-        Ok(self.tx())
-    }
-
-    /// Queue a write (insert, update, delete): it is sent before this writer's next read, or at
-    /// its commit, as a prepared statement with bound values (cached by the driver).
-    pub(crate) fn defer(&mut self, stmt: &impl StatementBuilder) {
+    /// Execute a write (insert, update, delete) built with sea-orm or sea-query. A unique-index
+    /// violation (for events: the same stream version written concurrently) is `CONFLICT`.
+    pub(crate) async fn exec(&self, stmt: &impl StatementBuilder) -> Result<(), AppError> {
         let backend = self.guard.as_ref().map_or(DbBackend::Sqlite, |g| g.backend);
-        self.pending.push(backend.build(stmt));
-    }
-
-    /// Send the deferred writes, in order.
-    pub(crate) async fn send_deferred(&mut self) -> Result<(), AppError> {
-        for stmt in std::mem::take(&mut self.pending) {
-            self.tx().execute_raw(stmt).await.map_err(|e| match AppError::from(e) {
+        self.tx()
+            .execute_raw(backend.build(stmt))
+            .await
+            .map_err(|e| match AppError::from(e) {
                 AppError::Conflict(_) => AppError::Conflict(
                     "the data changed concurrently (a record with this identity already exists); retry"
                         .into(),
                 ),
                 other => other,
             })?;
-        }
         Ok(())
     }
 
@@ -397,7 +383,7 @@ impl WriteTx {
         if let Some(h) = cached {
             return Ok(h);
         }
-        let h = event_log::head(self.reader().await?).await?;
+        let h = event_log::head(self.tx()).await?;
         if let Some(g) = self.guard.as_mut() {
             g.head = Some(h);
         }
@@ -414,8 +400,6 @@ impl WriteTx {
 
     /// Make this writer's changes part of the batch, and return once the batch has committed.
     pub async fn commit(mut self) -> Result<(), AppError> {
-        // On failure the drop below rolls this writer back to its savepoint.
-        self.send_deferred().await?;
         let tx = self.tx.take().expect("commit once");
         let mut guard = self.guard.take().expect("commit once");
         if let Err(e) = tx.commit().await {

@@ -11,8 +11,8 @@ use crate::domain::run::{
 use crate::error::AppError;
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter,
-    QueryOrder, QuerySelect, QueryTrait, Set,
+    sea_query::IntoCondition, ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait,
+    EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, QuerySelect, QueryTrait, Set,
 };
 
 fn json_list(list: &[String]) -> String {
@@ -224,15 +224,34 @@ pub async fn load_run_state(
     }))
 }
 
-fn insert_row<A: ActiveModelTrait>(w: &mut WriteTx, row: A) {
-    w.defer(&<A::Entity as EntityTrait>::insert(row).into_query());
+async fn insert_row<A: ActiveModelTrait>(w: &WriteTx, row: A) -> Result<(), AppError> {
+    w.exec(&<A::Entity as EntityTrait>::insert(row).into_query())
+        .await
 }
 
-/// Write the rows of `after` that differ from `before` (deferred: sent with the writer's other
-/// writes).
-fn save_run(w: &mut WriteTx, before: Option<&RunState>, after: &RunState) -> Result<(), AppError> {
+/// Update the rows `which` selects with the columns `row` sets.
+async fn update_row<A: ActiveModelTrait>(
+    w: &WriteTx,
+    row: A,
+    which: impl IntoCondition,
+) -> Result<(), AppError> {
+    w.exec(
+        &<A::Entity as EntityTrait>::update_many()
+            .set(row)
+            .filter(which)
+            .into_query(),
+    )
+    .await
+}
+
+/// Write the rows of `after` that differ from `before`.
+async fn save_run(
+    w: &WriteTx,
+    before: Option<&RunState>,
+    after: &RunState,
+) -> Result<(), AppError> {
     match before {
-        None => insert_row(w, run_to_model(&after.run)?.into_active_model().reset_all()),
+        None => insert_row(w, run_to_model(&after.run)?.into_active_model().reset_all()).await?,
         Some(b) if b.run != after.run => {
             // Only what events change: the plan and the ids are fixed when the run is queued.
             let r = &after.run;
@@ -246,12 +265,7 @@ fn save_run(w: &mut WriteTx, before: Option<&RunState>, after: &RunState) -> Res
                 finished_at: Set(r.finished_at.clone()),
                 ..Default::default()
             };
-            w.defer(
-                &run::Entity::update_many()
-                    .set(changes)
-                    .filter(run::Column::Id.eq(r.id.clone()))
-                    .into_query(),
-            )
+            update_row(w, changes, run::Column::Id.eq(r.id.clone())).await?
         }
         Some(_) => {}
     }
@@ -259,40 +273,29 @@ fn save_run(w: &mut WriteTx, before: Option<&RunState>, after: &RunState) -> Res
         let old = before.and_then(|b| b.stages.iter().find(|o| o.position == s.position));
         let row = stage_to_model(s).into_active_model().reset_all();
         match old {
-            None => insert_row(w, row),
-            Some(o) if o != s => w.defer(
-                &stage::Entity::update_many()
-                    .set(row)
-                    .filter(stage::Column::RunId.eq(s.run_id.clone()))
-                    .filter(stage::Column::Position.eq(s.position))
-                    .into_query(),
-            ),
+            None => insert_row(w, row).await?,
+            Some(o) if o != s => {
+                let which = Condition::all()
+                    .add(stage::Column::RunId.eq(s.run_id.clone()))
+                    .add(stage::Column::Position.eq(s.position));
+                update_row(w, row, which).await?
+            }
             Some(_) => {}
         }
     }
     for a in &after.approvals {
         let row = approval_to_model(a).into_active_model().reset_all();
         match before.and_then(|b| b.approvals.iter().find(|o| o.id == a.id)) {
-            None => insert_row(w, row),
-            Some(o) if o != a => w.defer(
-                &approval::Entity::update_many()
-                    .set(row)
-                    .filter(approval::Column::Id.eq(a.id.clone()))
-                    .into_query(),
-            ),
+            None => insert_row(w, row).await?,
+            Some(o) if o != a => update_row(w, row, approval::Column::Id.eq(a.id.clone())).await?,
             Some(_) => {}
         }
     }
     for t in &after.tasks {
         let row = task_to_model(t).into_active_model().reset_all();
         match before.and_then(|b| b.tasks.iter().find(|o| o.id == t.id)) {
-            None => insert_row(w, row),
-            Some(o) if o != t => w.defer(
-                &task::Entity::update_many()
-                    .set(row)
-                    .filter(task::Column::Id.eq(t.id.clone()))
-                    .into_query(),
-            ),
+            None => insert_row(w, row).await?,
+            Some(o) if o != t => update_row(w, row, task::Column::Id.eq(t.id.clone())).await?,
             Some(_) => {}
         }
     }
@@ -300,7 +303,7 @@ fn save_run(w: &mut WriteTx, before: Option<&RunState>, after: &RunState) -> Res
     let was_runnable = before.is_some_and(|b| b.run.status.is_runnable());
     let is_runnable = after.run.status.is_runnable();
     if is_runnable && !was_runnable {
-        w.defer(
+        w.exec(
             &run_queue::Entity::insert(run_queue::ActiveModel {
                 run_id: Set(after.run.id.clone()),
                 ready_at: Set(after.run.updated_at.clone()),
@@ -317,42 +320,49 @@ fn save_run(w: &mut WriteTx, before: Option<&RunState>, after: &RunState) -> Res
                     .to_owned(),
             )
             .into_query(),
-        );
+        )
+        .await?;
     } else if !is_runnable && was_runnable {
-        w.defer(
+        w.exec(
             &run_queue::Entity::delete_many()
                 .filter(run_queue::Column::RunId.eq(after.run.id.clone()))
                 .into_query(),
-        );
+        )
+        .await?;
     }
     Ok(())
 }
 
-async fn apply_workspace(w: &mut WriteTx, ev: &StoredEvent) -> Result<(), AppError> {
+async fn apply_workspace(w: &WriteTx, ev: &StoredEvent) -> Result<(), AppError> {
     let at = ev.occurred_at.clone();
     match &ev.body {
-        DomainEvent::BrandCreated { brand_id, name } => insert_row(
-            w,
-            brand::ActiveModel {
-                id: Set(brand_id.clone()),
-                name: Set(name.clone()),
-                version: Set(ev.stream_version),
-                created_seq: Set(ev.sequence),
-                created_at: Set(at.clone()),
-                updated_at: Set(at),
-            },
-        ),
-        DomainEvent::BrandUpdated { brand_id, name } => w.defer(
-            &brand::Entity::update_many()
-                .set(brand::ActiveModel {
+        DomainEvent::BrandCreated { brand_id, name } => {
+            insert_row(
+                w,
+                brand::ActiveModel {
+                    id: Set(brand_id.clone()),
+                    name: Set(name.clone()),
+                    version: Set(ev.stream_version),
+                    created_seq: Set(ev.sequence),
+                    created_at: Set(at.clone()),
+                    updated_at: Set(at),
+                },
+            )
+            .await?
+        }
+        DomainEvent::BrandUpdated { brand_id, name } => {
+            update_row(
+                w,
+                brand::ActiveModel {
                     name: Set(name.clone()),
                     version: Set(ev.stream_version),
                     updated_at: Set(at),
                     ..Default::default()
-                })
-                .filter(brand::Column::Id.eq(brand_id.clone()))
-                .into_query(),
-        ),
+                },
+                brand::Column::Id.eq(brand_id.clone()),
+            )
+            .await?
+        }
         DomainEvent::ProjectCreated {
             project_id,
             brand_id,
@@ -360,30 +370,34 @@ async fn apply_workspace(w: &mut WriteTx, ev: &StoredEvent) -> Result<(), AppErr
             objective,
             channels,
             due_date,
-        } => insert_row(
-            w,
-            project::ActiveModel {
-                id: Set(project_id.clone()),
-                brand_id: Set(brand_id.clone()),
-                name: Set(name.clone()),
-                objective: Set(objective.clone()),
-                channels: Set(json_list(channels)),
-                due_date: Set(due_date.clone()),
-                version: Set(ev.stream_version),
-                created_seq: Set(ev.sequence),
-                created_at: Set(at.clone()),
-                updated_at: Set(at),
-            },
-        ),
+        } => {
+            insert_row(
+                w,
+                project::ActiveModel {
+                    id: Set(project_id.clone()),
+                    brand_id: Set(brand_id.clone()),
+                    name: Set(name.clone()),
+                    objective: Set(objective.clone()),
+                    channels: Set(json_list(channels)),
+                    due_date: Set(due_date.clone()),
+                    version: Set(ev.stream_version),
+                    created_seq: Set(ev.sequence),
+                    created_at: Set(at.clone()),
+                    updated_at: Set(at),
+                },
+            )
+            .await?
+        }
         DomainEvent::ProjectUpdated {
             project_id,
             name,
             objective,
             channels,
             due_date,
-        } => w.defer(
-            &project::Entity::update_many()
-                .set(project::ActiveModel {
+        } => {
+            update_row(
+                w,
+                project::ActiveModel {
                     name: Set(name.clone()),
                     objective: Set(objective.clone()),
                     channels: Set(json_list(channels)),
@@ -391,37 +405,41 @@ async fn apply_workspace(w: &mut WriteTx, ev: &StoredEvent) -> Result<(), AppErr
                     version: Set(ev.stream_version),
                     updated_at: Set(at),
                     ..Default::default()
-                })
-                .filter(project::Column::Id.eq(project_id.clone()))
-                .into_query(),
-        ),
+                },
+                project::Column::Id.eq(project_id.clone()),
+            )
+            .await?
+        }
         DomainEvent::ThreadCreated {
             thread_id,
             project_id,
             brand_id,
             title,
             modes,
-        } => insert_row(
-            w,
-            thread::ActiveModel {
-                id: Set(thread_id.clone()),
-                project_id: Set(project_id.clone()),
-                brand_id: Set(brand_id.clone()),
-                title: Set(title.clone()),
-                status: Set("open".into()),
-                modes: Set(json_list(modes)),
-                version: Set(ev.stream_version),
-                created_seq: Set(ev.sequence),
-                created_at: Set(at.clone()),
-                updated_at: Set(at.clone()),
-                last_activity_at: Set(at),
-            },
-        ),
+        } => {
+            insert_row(
+                w,
+                thread::ActiveModel {
+                    id: Set(thread_id.clone()),
+                    project_id: Set(project_id.clone()),
+                    brand_id: Set(brand_id.clone()),
+                    title: Set(title.clone()),
+                    status: Set("open".into()),
+                    modes: Set(json_list(modes)),
+                    version: Set(ev.stream_version),
+                    created_seq: Set(ev.sequence),
+                    created_at: Set(at.clone()),
+                    updated_at: Set(at.clone()),
+                    last_activity_at: Set(at),
+                },
+            )
+            .await?
+        }
         DomainEvent::ThreadRenamed { thread_id, .. }
         | DomainEvent::ThreadModeAdded { thread_id, .. }
         | DomainEvent::ThreadModeRemoved { thread_id, .. } => {
             let Some(current) = thread::Entity::find_by_id(thread_id.clone())
-                .one(w.reader().await?)
+                .one(w.tx())
                 .await?
             else {
                 return Err(AppError::internal(anyhow::anyhow!(
@@ -439,27 +457,27 @@ async fn apply_workspace(w: &mut WriteTx, ev: &StoredEvent) -> Result<(), AppErr
                 DomainEvent::ThreadModeRemoved { mode, .. } => modes.retain(|m| m != mode),
                 _ => {}
             }
-            w.defer(
-                &thread::Entity::update_many()
-                    .set(thread::ActiveModel {
-                        title: Set(title),
-                        modes: Set(json_list(&modes)),
-                        version: Set(ev.stream_version),
-                        updated_at: Set(at.clone()),
-                        last_activity_at: Set(at),
-                        ..Default::default()
-                    })
-                    .filter(thread::Column::Id.eq(thread_id.clone()))
-                    .into_query(),
-            );
+            update_row(
+                w,
+                thread::ActiveModel {
+                    title: Set(title),
+                    modes: Set(json_list(&modes)),
+                    version: Set(ev.stream_version),
+                    updated_at: Set(at.clone()),
+                    last_activity_at: Set(at),
+                    ..Default::default()
+                },
+                thread::Column::Id.eq(thread_id.clone()),
+            )
+            .await?;
         }
         _ => {}
     }
     Ok(())
 }
 
-fn touch_thread(w: &mut WriteTx, thread_id: &str, at: &str) {
-    w.defer(
+async fn touch_thread(w: &WriteTx, thread_id: &str, at: &str) -> Result<(), AppError> {
+    w.exec(
         &thread::Entity::update_many()
             .col_expr(
                 thread::Column::LastActivityAt,
@@ -467,13 +485,14 @@ fn touch_thread(w: &mut WriteTx, thread_id: &str, at: &str) {
             )
             .filter(thread::Column::Id.eq(thread_id))
             .into_query(),
-    );
+    )
+    .await
 }
 
 /// Project a batch of events. Run events of one batch belong to one run; `run` is its state
 /// before the batch when the caller has it (else it is loaded). Returns the run's new state.
 pub async fn project(
-    w: &mut WriteTx,
+    w: &WriteTx,
     events: &[StoredEvent],
     run: Option<RunState>,
 ) -> Result<Option<RunState>, AppError> {
@@ -494,12 +513,12 @@ pub async fn project(
             DomainEvent::WorkflowRunQueued { thread_id, .. } => {
                 state = RunState::from_queued(ev);
                 before = None;
-                touch_thread(w, thread_id, &ev.occurred_at);
+                touch_thread(w, thread_id, &ev.occurred_at).await?;
             }
             body => {
                 if state.is_none() {
                     let run_id = ev.run_id.as_deref().unwrap_or_default();
-                    state = load_run_state(w.reader().await?, run_id).await?;
+                    state = load_run_state(w.tx(), run_id).await?;
                     before = state.clone();
                 }
                 let Some(s) = state.as_mut() else {
@@ -538,18 +557,20 @@ pub async fn project(
         }
     }
     if !timeline.is_empty() {
-        w.defer(&timeline_item::Entity::insert_many(timeline).into_query());
+        w.exec(&timeline_item::Entity::insert_many(timeline).into_query())
+            .await?;
     }
     if let Some(after) = &state {
-        save_run(w, before.as_ref(), after)?;
+        save_run(w, before.as_ref(), after).await?;
     }
     for (run_id, stage_key, attempt, artifacts) in completed {
-        w.defer(
+        w.exec(
             &artifact::Entity::delete_many()
                 .filter(artifact::Column::RunId.eq(run_id.clone()))
                 .filter(artifact::Column::StageKey.eq(stage_key.clone()))
                 .into_query(),
-        );
+        )
+        .await?;
         if !artifacts.is_empty() {
             let rows = artifacts.iter().map(|a| artifact::ActiveModel {
                 run_id: Set(run_id.clone()),
@@ -560,7 +581,8 @@ pub async fn project(
                 size: Set(a.size),
                 attempt: Set(attempt as i32),
             });
-            w.defer(&artifact::Entity::insert_many(rows).into_query());
+            w.exec(&artifact::Entity::insert_many(rows).into_query())
+                .await?;
         }
     }
     Ok(state)
@@ -584,16 +606,23 @@ impl WriteTx {
     }
 
     /// The stored stream version of a run (None if there is no such run).
-    pub async fn run_version(&mut self, run_id: &str) -> Result<Option<i64>, AppError> {
+    pub async fn run_version(&self, run_id: &str) -> Result<Option<i64>, AppError> {
         Ok(run::Entity::find_by_id(run_id.to_string())
             .select_only()
             .column(run::Column::Version)
             .into_tuple::<i64>()
-            .one(self.reader().await?)
+            .one(self.tx())
             .await?)
     }
 
-    pub async fn load_run_state(&mut self, run_id: &str) -> Result<Option<RunState>, AppError> {
-        load_run_state(self.reader().await?, run_id).await
+    pub async fn load_run_state(&self, run_id: &str) -> Result<Option<RunState>, AppError> {
+        load_run_state(self.tx(), run_id).await
+    }
+
+    /// The run's state, or `NOT_FOUND`.
+    pub async fn run_state(&self, run_id: &str) -> Result<RunState, AppError> {
+        self.load_run_state(run_id)
+            .await?
+            .ok_or_else(|| AppError::not_found("run", run_id))
     }
 }

@@ -17,13 +17,12 @@ fn claimable(now: &str) -> Condition {
 impl Store {
     /// Claim one runnable run for `owner` until `lease_seconds` from now: one compare-and-set
     /// statement (`UPDATE … WHERE run_id = (oldest claimable) AND still claimable RETURNING`),
-    /// atomic on its own on both backends. `scan` is kept for the callers' signature: the
-    /// statement always takes the oldest claimable run, and a lost race just returns `None`.
+    /// atomic on its own on both backends: it takes the oldest claimable run, and a lost race
+    /// just returns `None`.
     pub async fn claim_run(
         &self,
         owner: &str,
         lease_seconds: f64,
-        _scan: u64,
     ) -> Result<Option<String>, AppError> {
         let now = time::now();
         let oldest = Query::select()

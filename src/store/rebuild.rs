@@ -30,14 +30,13 @@ impl Store {
     /// Empty every read model and replay the whole log; returns the number of events replayed.
     /// Runs in one transaction: a failure leaves the previous read models in place.
     pub async fn rebuild_projections(&self) -> Result<u64, AppError> {
-        let mut w = self.write().await?;
+        let w = self.write().await?;
         clear(w.tx()).await?;
         let mut after = 0;
         let mut count = 0u64;
         loop {
             let events =
-                event_log::read_after(w.reader().await?, after, &EventFilter::default(), BATCH)
-                    .await?;
+                event_log::read_after(w.tx(), after, &EventFilter::default(), BATCH).await?;
             let Some(last) = events.last() else { break };
             after = last.sequence;
             count += events.len() as u64;
@@ -45,12 +44,12 @@ impl Store {
             let mut group: Vec<StoredEvent> = Vec::new();
             for ev in events {
                 if group.first().is_some_and(|g| g.stream_id != ev.stream_id) {
-                    projector::project(&mut w, &std::mem::take(&mut group), None).await?;
+                    projector::project(&w, &std::mem::take(&mut group), None).await?;
                 }
                 group.push(ev);
             }
             if !group.is_empty() {
-                projector::project(&mut w, &group, None).await?;
+                projector::project(&w, &group, None).await?;
             }
         }
         w.commit().await?;
