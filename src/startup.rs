@@ -131,6 +131,7 @@ impl Application {
                 init_timeout: Duration::from_secs(config.ws_init_timeout_seconds),
                 ping_interval: Duration::from_secs(config.ws_ping_interval_seconds.max(1)),
                 max_operations: config.ws_max_operations.max(1),
+                max_message_bytes: config.max_body_bytes,
             },
         };
         let listener = TcpListener::bind(&config.bind)

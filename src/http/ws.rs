@@ -7,7 +7,7 @@ use crate::graphql::AppSchema;
 use async_graphql::http::{WebSocketProtocols, WsMessage};
 use async_graphql::Data;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures::{future, SinkExt, StreamExt};
+use futures::{future, FutureExt, SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -20,12 +20,20 @@ pub const CLOSE_INIT_TIMEOUT: u16 = 4408;
 pub const CLOSE_DUPLICATE_ID: u16 = 4409;
 /// `extensions.code` of an operation refused because the connection has too many.
 pub const TOO_MANY_OPERATIONS: &str = "TOO_MANY_OPERATIONS";
+/// Close code for a client message over the size limit (RFC 6455 "message too big").
+pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code for a frame the WebSocket layer could not read (RFC 6455 "protocol error").
+pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+/// Initial read buffer of a connection (see `crate::http::graphql_ws`).
+pub const READ_BUFFER_BYTES: usize = 4096;
 
 #[derive(Debug, Clone)]
 pub struct WsSettings {
     pub init_timeout: Duration,
     pub ping_interval: Duration,
     pub max_operations: usize,
+    /// Largest client message (and frame) accepted; a larger one closes the connection with 1009.
+    pub max_message_bytes: usize,
 }
 
 /// What the connection knows about the client's messages, shared by the reading and writing side.
@@ -52,8 +60,16 @@ pub async fn serve(
     let input = {
         let tracker = tracker.clone();
         let max = settings.max_operations;
+        let read_errors = refusals_tx.clone();
         source
-            .take_while(|m| future::ready(m.is_ok()))
+            .take_while(move |m| {
+                if let Err(e) = m {
+                    // The client learns why its connection ends; the details stay in our log.
+                    tracing::debug!(error = %e, "WebSocket read failed; closing");
+                    let _ = read_errors.send(read_error_close(e));
+                }
+                future::ready(m.is_ok())
+            })
             .filter_map(move |m| {
                 let admitted = match m {
                     Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
@@ -82,31 +98,82 @@ pub async fn serve(
 
     loop {
         let initialised = lock(&tracker).initialised;
-        let out = tokio::select! {
-            out = graphql.next() => match out {
-                None => break,
-                Some(WsMessage::Text(text)) => {
-                    note_server_message(&tracker, &text);
-                    Message::Text(text.into())
-                }
-                Some(WsMessage::Close(code, reason)) => close(code, &reason),
-            },
-            Some(refusal) = refusals.recv() => refusal,
+        let ready = tokio::select! {
+            out = graphql.next() => Ready::Graphql(out),
+            Some(refusal) = refusals.recv() => Ready::Message(refusal),
             _ = &mut init_deadline, if !initialised => {
-                close(CLOSE_INIT_TIMEOUT, "Connection initialisation timeout")
+                Ready::Message(close(CLOSE_INIT_TIMEOUT, "Connection initialisation timeout"))
             }
             _ = pings.tick() => {
                 if !initialised {
                     continue;
                 }
                 let kind = if legacy { "ka" } else { "ping" };
-                Message::Text(json!({ "type": kind }).to_string().into())
+                Ready::Message(Message::Text(json!({ "type": kind }).to_string().into()))
             }
         };
-        let closing = matches!(out, Message::Close(_));
-        if sink.send(out).await.is_err() || closing {
-            break;
+        // Whatever else is ready goes out with it in one write: the transitions of one commit
+        // reach a subscriber together, and each write is a system call.
+        let mut next = outgoing(ready, &tracker, &mut refusals);
+        for _ in 0..MAX_BURST {
+            match next {
+                Outgoing::Send(msg) => {
+                    if sink.feed(msg).await.is_err() {
+                        return;
+                    }
+                }
+                Outgoing::End(last) => {
+                    match last {
+                        Some(msg) => drop(sink.send(msg).await),
+                        None => drop(sink.flush().await),
+                    }
+                    return;
+                }
+            }
+            match graphql.next().now_or_never() {
+                Some(out) => next = outgoing(Ready::Graphql(out), &tracker, &mut refusals),
+                None => break,
+            }
         }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Messages written to the socket before one flush, at most.
+const MAX_BURST: usize = 64;
+
+/// What woke the connection's loop.
+enum Ready {
+    Graphql(Option<WsMessage>),
+    Message(Message),
+}
+
+/// What to write next.
+enum Outgoing {
+    Send(Message),
+    /// The connection ends, after this message if there is one.
+    End(Option<Message>),
+}
+
+fn outgoing(
+    ready: Ready,
+    tracker: &Mutex<Tracker>,
+    refusals: &mut mpsc::UnboundedReceiver<Message>,
+) -> Outgoing {
+    match ready {
+        // The input ended; a read error left its close frame in the queue.
+        Ready::Graphql(None) => Outgoing::End(refusals.try_recv().ok()),
+        Ready::Graphql(Some(WsMessage::Text(text))) => {
+            note_server_message(tracker, &text);
+            Outgoing::Send(Message::Text(text.into()))
+        }
+        Ready::Graphql(Some(WsMessage::Close(code, reason))) => {
+            Outgoing::End(Some(close(code, &reason)))
+        }
+        Ready::Message(msg @ Message::Close(_)) => Outgoing::End(Some(msg)),
+        Ready::Message(msg) => Outgoing::Send(msg),
     }
 }
 
@@ -121,6 +188,17 @@ fn close(code: u16, reason: &str) -> Message {
         code,
         reason: reason.to_string().into(),
     }))
+}
+
+/// The close frame for a client message the WebSocket layer refused to read.
+fn read_error_close(error: &axum::Error) -> Message {
+    // axum wraps tungstenite's error; its capacity errors read "Space limit exceeded: …".
+    let text = error.to_string();
+    if text.contains("Space limit exceeded") || text.contains("too long") {
+        close(CLOSE_TOO_BIG, "message too big")
+    } else {
+        close(CLOSE_PROTOCOL_ERROR, "unreadable frame")
+    }
 }
 
 /// Decide whether a client message goes on to async-graphql; `Err` carries the answer instead.

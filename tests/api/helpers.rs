@@ -52,6 +52,7 @@ pub struct Options {
     pub ws_init_timeout_seconds: u64,
     pub ws_ping_interval_seconds: u64,
     pub ws_max_operations: usize,
+    pub max_body_bytes: usize,
 }
 
 impl Options {
@@ -67,6 +68,7 @@ impl Options {
             ws_init_timeout_seconds: 10,
             ws_ping_interval_seconds: 15,
             ws_max_operations: 100,
+            max_body_bytes: 1_048_576,
         }
     }
 }
@@ -114,6 +116,7 @@ impl TestApp {
         config.ws_init_timeout_seconds = opts.ws_init_timeout_seconds;
         config.ws_ping_interval_seconds = opts.ws_ping_interval_seconds;
         config.ws_max_operations = opts.ws_max_operations;
+        config.max_body_bytes = opts.max_body_bytes;
         if let Some(yaml) = &opts.profiles_yaml {
             let path = data_dir.join("profiles.yaml");
             std::fs::write(&path, yaml).expect("write profiles");

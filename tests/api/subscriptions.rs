@@ -510,6 +510,49 @@ async fn ws_bounds_operations_per_connection() {
     }
 }
 
+/// Client messages larger than the read buffer are read whole; one over the body limit closes the
+/// connection with 1009 and nothing else.
+#[tokio::test]
+async fn ws_message_size_is_bounded() {
+    let limit = 64 * 1024;
+    let app = TestApp::spawn_with(sqlite_with(|o| o.max_body_bytes = limit)).await;
+    let thread = app.thread().await;
+    let run = app.start_run(&thread, "content_calendar").await;
+    let vars = json!({ "r": run["id"], "a": 0 });
+    // A comment pads the document: 40 KiB, ten times the initial read buffer, under the limit.
+    let padded = |bytes: usize| format!("#{}\n{EVENTS_SUB}", "x".repeat(bytes));
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    ws.subscribe("big", &padded(40 * 1024), vars.clone()).await;
+    let d = ws.next_data("big").await;
+    assert_eq!(d["workflowRunEvents"]["type"], "WorkflowRunQueued");
+
+    let mut over = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    over.subscribe("huge", &padded(limit + 1), vars.clone())
+        .await;
+    match over.recv().await {
+        Incoming::Closed { code, reason } => {
+            assert_eq!(code, Some(1009), "{reason}");
+            assert_eq!(reason, "message too big");
+        }
+        other => panic!("expected close 1009, got {other:?}"),
+    }
+    // The first connection is unaffected ("big" goes on streaming the run meanwhile).
+    ws.subscribe("again", EVENTS_SUB, vars).await;
+    loop {
+        match ws.recv().await {
+            Incoming::Data { id, data } if id == "again" => {
+                assert_eq!(
+                    data["data"]["workflowRunEvents"]["type"],
+                    "WorkflowRunQueued"
+                );
+                break;
+            }
+            Incoming::Data { id, .. } => assert_eq!(id, "big"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn ws_without_a_known_protocol_is_refused() {
     let app = TestApp::spawn(Backend::Sqlite).await;
