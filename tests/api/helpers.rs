@@ -40,6 +40,17 @@ pub async fn fresh_pg_database() -> String {
     }
 }
 
+/// Warnings and errors of the servers a test starts, shown with that test's output when it fails.
+fn init_test_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+            .try_init();
+    });
+}
+
 pub struct Options {
     pub backend: Backend,
     pub fault_injection: Option<String>,
@@ -90,6 +101,7 @@ impl TestApp {
     }
 
     pub async fn spawn_with(opts: Options) -> TestApp {
+        init_test_logs();
         let (tmp, data_dir) = match opts.data_dir.clone() {
             Some(d) => (None, d),
             None => {
