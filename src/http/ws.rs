@@ -115,7 +115,8 @@ pub async fn serve(
         // Whatever else is ready goes out with it in one write: the transitions of one commit
         // reach a subscriber together, and each write is a system call.
         let mut next = outgoing(ready, &tracker, &mut refusals);
-        for _ in 0..MAX_BURST {
+        let mut written = 0;
+        loop {
             match next {
                 Outgoing::Send(msg) => {
                     if sink.feed(msg).await.is_err() {
@@ -123,12 +124,18 @@ pub async fn serve(
                     }
                 }
                 Outgoing::End(last) => {
-                    match last {
-                        Some(msg) => drop(sink.send(msg).await),
-                        None => drop(sink.flush().await),
+                    for msg in last {
+                        if sink.feed(msg).await.is_err() {
+                            return;
+                        }
                     }
+                    let _ = sink.flush().await;
                     return;
                 }
+            }
+            written += 1;
+            if written == MAX_BURST {
+                break;
             }
             match graphql.next().now_or_never() {
                 Some(out) => next = outgoing(Ready::Graphql(out), &tracker, &mut refusals),
@@ -153,8 +160,8 @@ enum Ready {
 /// What to write next.
 enum Outgoing {
     Send(Message),
-    /// The connection ends, after this message if there is one.
-    End(Option<Message>),
+    /// The connection ends after these messages.
+    End(Vec<Message>),
 }
 
 fn outgoing(
@@ -163,16 +170,26 @@ fn outgoing(
     refusals: &mut mpsc::UnboundedReceiver<Message>,
 ) -> Outgoing {
     match ready {
-        // The input ended; a read error left its close frame in the queue.
-        Ready::Graphql(None) => Outgoing::End(refusals.try_recv().ok()),
+        // The input ended: what is still queued goes out (refusals, then a read error's close).
+        Ready::Graphql(None) => {
+            let mut last = Vec::new();
+            while let Ok(msg) = refusals.try_recv() {
+                let closing = matches!(msg, Message::Close(_));
+                last.push(msg);
+                if closing {
+                    break;
+                }
+            }
+            Outgoing::End(last)
+        }
         Ready::Graphql(Some(WsMessage::Text(text))) => {
             note_server_message(tracker, &text);
             Outgoing::Send(Message::Text(text.into()))
         }
         Ready::Graphql(Some(WsMessage::Close(code, reason))) => {
-            Outgoing::End(Some(close(code, &reason)))
+            Outgoing::End(vec![close(code, &reason)])
         }
-        Ready::Message(msg @ Message::Close(_)) => Outgoing::End(Some(msg)),
+        Ready::Message(msg @ Message::Close(_)) => Outgoing::End(vec![msg]),
         Ready::Message(msg) => Outgoing::Send(msg),
     }
 }

@@ -510,6 +510,39 @@ async fn ws_bounds_operations_per_connection() {
     }
 }
 
+/// A catch-up longer than one write (the connection writes at most 64 ready messages per flush)
+/// arrives whole and in order: 9 completed runs, 72 transitions, all ready at once.
+#[tokio::test]
+async fn ws_long_catch_up_loses_nothing() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let thread = app.thread().await;
+    let mut runs = Vec::new();
+    for _ in 0..9 {
+        runs.push(app.start_run_id(&thread, "content_calendar").await);
+    }
+    for run in &runs {
+        app.approve_until_done(run).await;
+    }
+    let want = logged_transitions(&app, &thread, 0).await;
+    assert_eq!(want.len(), 72, "8 transitions per run");
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    // No `run` field: nothing to read per message, so every transition is ready at once.
+    let light = "subscription($t: ID, $a: Int) { workflowRunStatusChanged(threadId: $t, \
+                 afterSequence: $a) { sequence runId fromStatus toStatus stageKey } }";
+    ws.subscribe("all", light, json!({ "t": thread, "a": 0 }))
+        .await;
+    let last = *want.last().expect("transitions");
+    let mut got = Vec::new();
+    loop {
+        let s = seen(&ws.next_data("all").await);
+        got.push(s.sequence);
+        if s.sequence >= last {
+            break;
+        }
+    }
+    assert_eq!(got, want);
+}
+
 /// Client messages larger than the read buffer are read whole; one over the body limit closes the
 /// connection with 1009 and nothing else.
 #[tokio::test]
@@ -551,6 +584,43 @@ async fn ws_message_size_is_bounded() {
             other => panic!("unexpected {other:?}"),
         }
     }
+}
+
+/// A refusal and an oversized message sent back to back: the client gets both answers, the
+/// refusal and then the close.
+#[tokio::test]
+async fn ws_refusal_then_oversized_message_gets_both_answers() {
+    let limit = 16 * 1024;
+    let app = TestApp::spawn_with(sqlite_with(|o| {
+        o.max_body_bytes = limit;
+        o.ws_max_operations = 1;
+    }))
+    .await;
+    let thread = app.thread().await;
+    let run = app.start_run(&thread, "content_calendar").await;
+    let vars = json!({ "r": run["id"], "a": 0 });
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    ws.subscribe("1", EVENTS_SUB, vars.clone()).await;
+    ws.subscribe("2", EVENTS_SUB, vars.clone()).await;
+    let huge = format!("#{}\n{EVENTS_SUB}", "x".repeat(limit));
+    ws.subscribe("3", &huge, vars).await;
+    let mut refused = false;
+    loop {
+        match ws.recv().await {
+            Incoming::Data { id, .. } => assert_eq!(id, "1"),
+            Incoming::Error { id, payload } => {
+                assert_eq!(id, "2");
+                assert_eq!(payload[0]["extensions"]["code"], "TOO_MANY_OPERATIONS");
+                refused = true;
+            }
+            Incoming::Closed { code, .. } => {
+                assert_eq!(code, Some(1009));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(refused, "the refusal came before the close");
 }
 
 #[tokio::test]
