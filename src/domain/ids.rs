@@ -1,4 +1,5 @@
-//! Identifiers: client-supplied ones are validated, generated ones are random and prefixed.
+//! Identifiers: client-supplied ones are validated, generated ones are prefixed, ordered by
+//! creation time and random after that.
 
 use crate::error::AppError;
 use rand::RngCore;
@@ -21,11 +22,25 @@ pub fn parse_client_id(field: &str, raw: &str) -> Result<String, AppError> {
     }
 }
 
-/// `prefix` + 16 random hex digits, e.g. `b-3f09a1c2d4e5f678`.
+/// `prefix` + 24 hex digits: 11 of the milliseconds since the Unix epoch, then 13 random
+/// (52 bits), e.g. `run-019ac1b2c3d4e5f60718293a`.
+///
+/// Ids are keys of most indexes (runs, stages, approvals, the event log's streams). Leading with
+/// the time puts each new row at the end of those indexes, next to the rows created just before
+/// it, instead of at a random place in them: with random ids, a database holding 1,000,000 events
+/// dirtied and wrote back so many more index pages per run that it served 24 % fewer runs per
+/// second than an empty one (BENCHMARKS.md).
 pub fn generate(prefix: &str) -> String {
-    let mut bytes = [0u8; 8];
-    rand::thread_rng().fill_bytes(&mut bytes);
-    format!("{prefix}{}", hex::encode(bytes))
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let random = rand::thread_rng().next_u64();
+    format!(
+        "{prefix}{:011x}{:013x}",
+        millis & ((1 << 44) - 1),
+        random & ((1 << 52) - 1)
+    )
 }
 
 /// Gate approval id: unique per run and stage (the whole run id, never a prefix of it).
@@ -63,9 +78,21 @@ mod tests {
     fn generated_ids_are_prefixed_and_unique() {
         let a = generate("b-");
         let b = generate("b-");
-        assert!(a.starts_with("b-") && a.len() == 18);
+        assert!(a.starts_with("b-") && a.len() == 26, "{a}");
         assert_ne!(a, b);
         assert!(parse_client_id("id", &a).is_ok());
+    }
+
+    #[test]
+    fn generated_ids_sort_by_creation_time() {
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            ids.push(generate("run-"));
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(sorted, ids);
     }
 
     #[test]
