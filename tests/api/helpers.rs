@@ -22,6 +22,43 @@ pub fn pg_admin_url() -> String {
     std::env::var("VM_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG.to_string())
 }
 
+/// Test databases are not dropped when their test ends (the server under test may still hold
+/// connections). Once per test process, the ones older than an hour go: their names carry their
+/// creation time (generated ids lead with milliseconds since the epoch; names from before that
+/// are 16 random hex digits and all older). One still in use elsewhere refuses and stays.
+async fn drop_stale_test_databases(db: &sea_orm::DatabaseConnection) {
+    use sea_orm::{ConnectionTrait, Statement};
+    let Ok(rows) = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT datname FROM pg_database WHERE datname LIKE 'vmw_test_%'",
+        ))
+        .await
+    else {
+        return;
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    for row in rows {
+        let Ok(name) = row.try_get::<String>("", "datname") else {
+            continue;
+        };
+        let id = &name["vmw_test_".len()..];
+        let created_ms = match id.len() {
+            24 => u64::from_str_radix(&id[..11], 16).ok(),
+            16 => Some(0),
+            _ => None,
+        };
+        if created_ms.is_some_and(|t| now_ms.saturating_sub(t) > 3_600_000) {
+            let _ = db
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
+                .await;
+        }
+    }
+}
+
 /// Create a fresh database and return its URL.
 pub async fn fresh_pg_database() -> String {
     use sea_orm::{ConnectionTrait, Database};
@@ -30,6 +67,8 @@ pub async fn fresh_pg_database() -> String {
     let db = Database::connect(&admin).await.unwrap_or_else(|e| {
         panic!("Postgres tests need a server at {admin} (VM_TEST_DATABASE_URL): {e}")
     });
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT.get_or_init(|| drop_stale_test_databases(&db)).await;
     db.execute_unprepared(&format!("CREATE DATABASE {name}"))
         .await
         .expect("create test database");
