@@ -31,16 +31,21 @@ pub fn parse_client_id(field: &str, raw: &str) -> Result<String, AppError> {
 /// dirtied and wrote back so many more index pages per run that it served 24 % fewer runs per
 /// second than an empty one (BENCHMARKS.md).
 pub fn generate(prefix: &str) -> String {
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
     let random = rand::thread_rng().next_u64();
     format!(
         "{prefix}{:011x}{:013x}",
-        millis & ((1 << 44) - 1),
+        super::time::now_millis() & ((1 << 44) - 1),
         random & ((1 << 52) - 1)
     )
+}
+
+/// When a generated id was made (milliseconds since the epoch), read from the 24 digits after
+/// its prefix; `None` for anything else.
+pub fn generated_millis(digits: &str) -> Option<u64> {
+    if digits.len() != 24 {
+        return None;
+    }
+    u64::from_str_radix(&digits[..11], 16).ok()
 }
 
 /// Gate approval id: unique per run and stage (the whole run id, never a prefix of it).
@@ -81,6 +86,15 @@ mod tests {
         assert!(a.starts_with("b-") && a.len() == 26, "{a}");
         assert_ne!(a, b);
         assert!(parse_client_id("id", &a).is_ok());
+    }
+
+    #[test]
+    fn generated_ids_tell_when_they_were_made() {
+        let before = crate::domain::time::now_millis();
+        let id = generate("");
+        let made = generated_millis(&id).expect("a generated id");
+        assert!(made >= before && made <= crate::domain::time::now_millis());
+        assert_eq!(generated_millis("3f09a1c2d4e5f678"), None);
     }
 
     #[test]

@@ -6,6 +6,11 @@ pub fn now() -> String {
     format(Utc::now())
 }
 
+/// Milliseconds since the Unix epoch.
+pub fn now_millis() -> u64 {
+    Utc::now().timestamp_millis().max(0) as u64
+}
+
 pub fn format(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }

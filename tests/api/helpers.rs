@@ -37,19 +37,16 @@ async fn drop_stale_test_databases(db: &sea_orm::DatabaseConnection) {
     else {
         return;
     };
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let now_ms = vm_workflow::domain::time::now_millis();
     for row in rows {
         let Ok(name) = row.try_get::<String>("", "datname") else {
             continue;
         };
         let id = &name["vmw_test_".len()..];
+        // Names from before ids carried their time: 16 random digits.
         let created_ms = match id.len() {
-            24 => u64::from_str_radix(&id[..11], 16).ok(),
             16 => Some(0),
-            _ => None,
+            _ => vm_workflow::domain::ids::generated_millis(id),
         };
         if created_ms.is_some_and(|t| now_ms.saturating_sub(t) > 3_600_000) {
             let _ = db
@@ -81,13 +78,11 @@ pub async fn fresh_pg_database() -> String {
 
 /// Warnings and errors of the servers a test starts, shown with that test's output when it fails.
 fn init_test_logs() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = tracing_subscriber::fmt()
-            .with_test_writer()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-            .try_init();
-    });
+    // Only the first call in a process installs it; the others fail harmlessly.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .try_init();
 }
 
 pub struct Options {
@@ -102,7 +97,8 @@ pub struct Options {
     pub ws_init_timeout_seconds: u64,
     pub ws_ping_interval_seconds: u64,
     pub ws_max_operations: usize,
-    pub max_body_bytes: usize,
+    /// The server's default unless set.
+    pub max_body_bytes: Option<usize>,
 }
 
 impl Options {
@@ -118,7 +114,7 @@ impl Options {
             ws_init_timeout_seconds: 10,
             ws_ping_interval_seconds: 15,
             ws_max_operations: 100,
-            max_body_bytes: 1_048_576,
+            max_body_bytes: None,
         }
     }
 }
@@ -167,7 +163,9 @@ impl TestApp {
         config.ws_init_timeout_seconds = opts.ws_init_timeout_seconds;
         config.ws_ping_interval_seconds = opts.ws_ping_interval_seconds;
         config.ws_max_operations = opts.ws_max_operations;
-        config.max_body_bytes = opts.max_body_bytes;
+        if let Some(limit) = opts.max_body_bytes {
+            config.max_body_bytes = limit;
+        }
         if let Some(yaml) = &opts.profiles_yaml {
             let path = data_dir.join("profiles.yaml");
             std::fs::write(&path, yaml).expect("write profiles");

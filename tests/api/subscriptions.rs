@@ -548,7 +548,7 @@ async fn ws_long_catch_up_loses_nothing() {
 #[tokio::test]
 async fn ws_message_size_is_bounded() {
     let limit = 64 * 1024;
-    let app = TestApp::spawn_with(sqlite_with(|o| o.max_body_bytes = limit)).await;
+    let app = TestApp::spawn_with(sqlite_with(|o| o.max_body_bytes = Some(limit))).await;
     let thread = app.thread().await;
     let run = app.start_run(&thread, "content_calendar").await;
     let vars = json!({ "r": run["id"], "a": 0 });
@@ -592,7 +592,7 @@ async fn ws_message_size_is_bounded() {
 async fn ws_refusal_then_oversized_message_gets_both_answers() {
     let limit = 16 * 1024;
     let app = TestApp::spawn_with(sqlite_with(|o| {
-        o.max_body_bytes = limit;
+        o.max_body_bytes = Some(limit);
         o.ws_max_operations = 1;
     }))
     .await;
