@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::domain::profiles::{ProfileSet, ResolveSettings};
 use crate::error::AppError;
 use crate::graphql::build_schema;
+use crate::graphql::fanout::Renders;
 use crate::http::{router, HttpState, WsSettings};
 use crate::runner::artifacts::ArtifactStore;
 use crate::runner::faults::{self, FaultInjectingRunner};
@@ -93,6 +94,8 @@ pub struct Application {
     shutdown_tx: watch::Sender<bool>,
     feeder: tokio::task::JoinHandle<()>,
     pub services: Arc<Services>,
+    /// Subscription renderings shared by WebSocket subscribers (see `graphql::fanout`).
+    pub renders: Arc<Renders>,
 }
 
 impl Application {
@@ -125,6 +128,7 @@ impl Application {
             .spawn()
         });
         let schema = build_schema(Some(services.clone()), Some(bus));
+        let renders = Arc::new(Renders::default());
         let state = HttpState {
             schema,
             ws: WsSettings {
@@ -133,6 +137,7 @@ impl Application {
                 max_operations: config.ws_max_operations.max(1),
                 max_message_bytes: config.max_body_bytes,
             },
+            renders: renders.clone(),
         };
         let listener = TcpListener::bind(&config.bind)
             .await
@@ -146,6 +151,7 @@ impl Application {
             shutdown_tx,
             feeder,
             services,
+            renders,
         })
     }
 

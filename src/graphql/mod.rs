@@ -1,6 +1,7 @@
 //! The GraphQL schema: roots split by feature and merged.
 
 mod events;
+pub mod fanout;
 mod inputs;
 mod profiles;
 mod runs;

@@ -1,6 +1,8 @@
 //! Subscriptions with a cursor: catch up from the log after `afterSequence`, then live events
-//! from the bus, dropping any already sent; a lagging subscriber re-reads the log.
+//! from the bus, dropping any already sent; a lagging subscriber re-reads the log. On WebSocket
+//! connections each event is rendered once per distinct request (see [`super::fanout`]).
 
+use super::fanout::event_source;
 use super::services;
 use super::types::{ts, RunStatus, WorkflowEvent, WorkflowRun};
 use crate::bus::EventBus;
@@ -10,7 +12,7 @@ use crate::service::Services;
 use crate::store::EventFilter;
 use async_graphql::{Context, Object, Result, Subscription, ID};
 use chrono::{DateTime, Utc};
-use futures::Stream;
+use futures::{Stream, StreamExt, TryStreamExt};
 use std::sync::Arc;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -154,16 +156,19 @@ impl SubscriptionRoot {
             run_id: run_id.map(|i| i.0),
             thread_id: thread_id.map(|i| i.0),
         };
-        let stream = event_stream(
-            services(ctx).clone(),
-            ctx.data_unchecked::<EventBus>().clone(),
-            filter,
-            |ev| ev.body.status_transition().is_some(),
-            after,
-        );
-        Ok(futures::StreamExt::filter_map(stream, |item| async move {
+        let stream = event_source(ctx, || {
+            let events = event_stream(
+                services(ctx).clone(),
+                ctx.data_unchecked::<EventBus>().clone(),
+                filter,
+                |ev| ev.body.status_transition().is_some(),
+                after,
+            );
+            events.map_err(Into::into).boxed()
+        });
+        Ok(stream.filter_map(|item| async move {
             match item {
-                Err(e) => Some(Err(e.into())),
+                Err(e) => Some(Err(e)),
                 Ok(ev) => {
                     let (from, to, stage) = ev.body.status_transition()?;
                     let stage_key = stage.map(str::to_string);
@@ -190,15 +195,16 @@ impl SubscriptionRoot {
             run_id: Some(run_id.0),
             thread_id: None,
         };
-        let stream = event_stream(
-            services(ctx).clone(),
-            ctx.data_unchecked::<EventBus>().clone(),
-            filter,
-            |_| true,
-            after,
-        );
-        Ok(futures::StreamExt::map(stream, |item| {
-            item.map(WorkflowEvent).map_err(Into::into)
-        }))
+        let stream = event_source(ctx, || {
+            let events = event_stream(
+                services(ctx).clone(),
+                ctx.data_unchecked::<EventBus>().clone(),
+                filter,
+                |_| true,
+                after,
+            );
+            events.map_err(Into::into).boxed()
+        });
+        Ok(stream.map(|item| item.map(WorkflowEvent)))
     }
 }

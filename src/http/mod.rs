@@ -1,5 +1,6 @@
 //! The axum router: GraphQL over HTTP and WebSocket, GraphiQL, health.
 
+use crate::graphql::fanout::{Renders, SharedExecutor};
 use crate::graphql::{ActorId, AppSchema};
 use async_graphql::http::WebSocketProtocols;
 use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
@@ -10,6 +11,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
+use std::sync::Arc;
 
 mod console;
 mod ws;
@@ -19,6 +21,8 @@ pub use ws::WsSettings;
 pub struct HttpState {
     pub schema: AppSchema,
     pub ws: WsSettings,
+    /// Subscription renderings shared by every WebSocket connection.
+    pub renders: Arc<Renders>,
 }
 
 pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
@@ -75,7 +79,7 @@ async fn graphql_ws(
         return (axum::http::StatusCode::BAD_REQUEST, msg).into_response();
     };
     let actor = actor_from(&headers);
-    let schema = state.schema.clone();
+    let executor = SharedExecutor::new(state.schema.clone(), state.renders.clone(), &actor.0);
     let settings = state.ws.clone();
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
@@ -89,7 +93,7 @@ async fn graphql_ws(
         .on_upgrade(move |socket| async move {
             let mut data = async_graphql::Data::default();
             data.insert(actor);
-            ws::serve(socket, schema, protocol, data, settings).await
+            ws::serve(socket, executor, protocol, data, settings).await
         })
 }
 

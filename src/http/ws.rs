@@ -3,7 +3,7 @@
 //! a `connection_init` deadline (close 4408), server pings on every connection (`ping`, or `ka` on
 //! the legacy protocol), and a bound on the operations active at once on one connection.
 
-use crate::graphql::AppSchema;
+use crate::graphql::fanout::SharedExecutor;
 use async_graphql::http::{WebSocketProtocols, WsMessage};
 use async_graphql::Data;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -46,7 +46,7 @@ struct Tracker {
 /// Serve one upgraded socket until either side closes it.
 pub async fn serve(
     socket: WebSocket,
-    schema: AppSchema,
+    executor: SharedExecutor,
     protocol: WebSocketProtocols,
     data: Data,
     settings: WsSettings,
@@ -89,7 +89,7 @@ pub async fn serve(
     };
 
     let graphql =
-        async_graphql::http::WebSocket::new(schema, input, protocol).connection_data(data);
+        async_graphql::http::WebSocket::new(executor, input, protocol).connection_data(data);
     tokio::pin!(graphql);
     let init_deadline = tokio::time::sleep(settings.init_timeout);
     tokio::pin!(init_deadline);

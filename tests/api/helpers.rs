@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use vm_workflow::config::Config;
+use vm_workflow::graphql::fanout::Renders;
 use vm_workflow::service::Services;
 use vm_workflow::startup::Application;
 
@@ -123,6 +124,8 @@ pub struct TestApp {
     pub url: String,
     pub client: reqwest::Client,
     pub services: Arc<Services>,
+    /// The server's shared subscription renderings (`None` on an attached handle).
+    pub renders: Option<Arc<Renders>>,
     pub data_dir: PathBuf,
     pub database_url: String,
     _tmp: Option<tempfile::TempDir>,
@@ -176,6 +179,7 @@ impl TestApp {
             .expect("application builds");
         let url = format!("http://{}", app.addr());
         let services = app.services.clone();
+        let renders = app.renders.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             app.run_until(async {
@@ -188,6 +192,7 @@ impl TestApp {
             url,
             client: reqwest::Client::new(),
             services,
+            renders: Some(renders),
             data_dir,
             database_url,
             _tmp: tmp,
@@ -202,6 +207,7 @@ impl TestApp {
             url,
             client: reqwest::Client::new(),
             services,
+            renders: None,
             data_dir: PathBuf::new(),
             database_url: String::new(),
             _tmp: None,

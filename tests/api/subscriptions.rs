@@ -403,7 +403,185 @@ async fn idle_bus_does_not_spin(backend: Backend) {
     }
 }
 
+/// How many times the server has rendered a subscription event so far.
+fn executed(app: &TestApp) -> u64 {
+    app.renders.as_ref().expect("a spawned app").executed()
+}
+
+/// Every data payload of operation `op` until the run's `COMPLETED` transition.
+async fn payloads_until_completed(ws: &mut WsClient, op: &str) -> Vec<Value> {
+    let mut got = Vec::new();
+    loop {
+        let data = ws.next_data(op).await;
+        let done = data["workflowRunStatusChanged"]["toStatus"] == "COMPLETED";
+        got.push(data);
+        if done {
+            return got;
+        }
+    }
+}
+
+/// Subscribers sending the same request share one rendering of each event, whatever their
+/// protocol; another caller or another selection renders its own. Each gets every transition.
+async fn ws_subscribers_share_each_rendering(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let thread = app.thread().await;
+    let cursor = app.head().await;
+    let vars = json!({ "t": thread, "a": cursor });
+    let url = app.ws_url();
+    let mut driver = WsClient::connect_init(&url, Protocol::Transport).await;
+    let mut same = vec![
+        WsClient::connect_init(&url, Protocol::Transport).await,
+        WsClient::connect_init(&url, Protocol::Transport).await,
+        WsClient::connect_init(&url, Protocol::Legacy).await,
+    ];
+    let mut other_caller = WsClient::connect_init_as(&url, Protocol::Transport, "bob").await;
+    let mut other_selection = WsClient::connect_init(&url, Protocol::Transport).await;
+    driver.subscribe("d", STATUS_SUB, vars.clone()).await;
+    for ws in &mut same {
+        ws.subscribe("s", STATUS_SUB, vars.clone()).await;
+    }
+    other_caller.subscribe("c", STATUS_SUB, vars.clone()).await;
+    let aliased = "subscription($t: ID, $a: Int) {
+        workflowRunStatusChanged(threadId: $t, afterSequence: $a) { seq: sequence toStatus } }";
+    other_selection.subscribe("o", aliased, vars.clone()).await;
+    let before = executed(&app);
+
+    let run = app.start_run_id(&thread, "content_calendar").await;
+    let driven = follow_to_completion(&mut driver, "d", &app, &run).await;
+    assert_life(&driven);
+    let mut first: Option<Vec<Value>> = None;
+    for ws in &mut same {
+        let got = payloads_until_completed(ws, "s").await;
+        assert_eq!(got.len(), driven.len());
+        let seqs: Vec<i64> = got.iter().map(|d| seen(d).sequence).collect();
+        assert_eq!(seqs, driven.iter().map(|s| s.sequence).collect::<Vec<_>>());
+        match &first {
+            // One rendering: even `run { status }`, read when rendered, is the same for all.
+            Some(f) => assert_eq!(&got, f),
+            None => first = Some(got),
+        }
+    }
+    let theirs = payloads_until_completed(&mut other_caller, "c").await;
+    assert_eq!(theirs.len(), driven.len());
+    let mut shaped = Vec::new();
+    while shaped.len() < driven.len() {
+        let d = other_selection.next_data("o").await;
+        let c = &d["workflowRunStatusChanged"];
+        assert!(c.get("sequence").is_none(), "alias kept: {d}");
+        shaped.push(c["seq"].as_i64().expect("aliased sequence"));
+    }
+    assert_eq!(
+        shaped,
+        driven.iter().map(|s| s.sequence).collect::<Vec<_>>()
+    );
+
+    // 8 transitions: once for the four identical requests, once for bob, once for the alias.
+    assert_eq!(executed(&app) - before, 3 * driven.len() as u64);
+}
+
+/// A subscriber that arrives late with the same request catches up from its own cursor, on
+/// the renderings already made; a different cursor is a different request.
+async fn ws_late_subscriber_reuses_renderings(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let thread = app.thread().await;
+    let cursor = app.head().await;
+    let vars = json!({ "t": thread, "a": cursor });
+    let mut early = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    early.subscribe("e", STATUS_SUB, vars.clone()).await;
+    let run = app.start_run_id(&thread, "content_calendar").await;
+    let driven = follow_to_completion(&mut early, "e", &app, &run).await;
+    let after_run = executed(&app);
+
+    let mut late = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    late.subscribe("l", STATUS_SUB, vars).await;
+    let got: Vec<Seen> = payloads_until_completed(&mut late, "l")
+        .await
+        .iter()
+        .map(seen)
+        .collect();
+    assert_eq!(got, driven);
+    assert_eq!(
+        executed(&app),
+        after_run,
+        "the late subscriber rendered again"
+    );
+
+    let from_second = driven[1].sequence;
+    late.subscribe("m", STATUS_SUB, json!({ "t": thread, "a": from_second }))
+        .await;
+    let rest: Vec<Seen> = payloads_until_completed(&mut late, "m")
+        .await
+        .iter()
+        .map(seen)
+        .collect();
+    assert_eq!(rest, driven[2..]);
+    assert_eq!(executed(&app), after_run + rest.len() as u64);
+}
+
+/// A subscription with two root fields is not shared: the schema serves it, both fields live.
+async fn ws_two_root_fields_still_stream(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let thread = app.thread().await;
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    let both = "subscription($t: ID, $a: Int) {
+        a: workflowRunStatusChanged(threadId: $t, afterSequence: $a) { toStatus }
+        b: workflowRunStatusChanged(threadId: $t, afterSequence: $a) { sequence } }";
+    ws.subscribe("two", both, json!({ "t": thread, "a": app.head().await }))
+        .await;
+    let run = app.start_run_id(&thread, "content_calendar").await;
+    let (mut a, mut b) = (Vec::new(), 0);
+    while a.last().map(String::as_str) != Some("COMPLETED") || b < a.len() {
+        let d = ws.next_data("two").await;
+        if let Some(to) = d["a"]["toStatus"].as_str() {
+            if to == "WAITING_APPROVAL" {
+                app.approve(&run, None).await;
+            }
+            a.push(to.to_string());
+        } else {
+            assert!(d["b"]["sequence"].is_i64(), "unexpected item {d}");
+            b += 1;
+        }
+    }
+    assert_eq!(a.len(), foundation_life().len());
+    assert_eq!(b, a.len());
+    assert_eq!(executed(&app), 0);
+}
+
+/// Queries and mutations sent over a WebSocket run once, as before.
+async fn ws_queries_and_mutations_run_once(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    ws.subscribe(
+        "m",
+        "mutation { createBrand(input: { name: \"Over WS\" }) { brand { name } } }",
+        json!({}),
+    )
+    .await;
+    let created = ws.next_data("m").await;
+    assert_eq!(created["createBrand"]["brand"]["name"], "Over WS");
+    ws.subscribe(
+        "q",
+        "query { brands(first: 10) { nodes { name } } }",
+        json!({}),
+    )
+    .await;
+    let listed = loop {
+        match ws.recv().await {
+            Incoming::Data { id, data } if id == "q" => break data["data"].clone(),
+            Incoming::Complete { .. } | Incoming::Ping => continue,
+            other => panic!("expected the query's data, got {other:?}"),
+        }
+    };
+    assert_eq!(listed["brands"]["nodes"], json!([{ "name": "Over WS" }]));
+    assert_eq!(executed(&app), 0);
+}
+
 crate::both_backends!(
+    ws_subscribers_share_each_rendering,
+    ws_late_subscriber_reuses_renderings,
+    ws_queries_and_mutations_run_once,
+    ws_two_root_fields_still_stream,
     idle_bus_does_not_spin,
     event_head_is_where_to_subscribe_from,
     schema_cursor_crosses_the_seam,

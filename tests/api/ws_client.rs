@@ -46,11 +46,25 @@ const WAIT: Duration = Duration::from_secs(30);
 
 impl WsClient {
     pub async fn connect(url: &str, protocol: Protocol) -> WsClient {
+        Self::connect_with(url, protocol, None).await
+    }
+
+    /// Connect and initialise as caller `actor` (the `x-actor-id` header).
+    pub async fn connect_init_as(url: &str, protocol: Protocol, actor: &str) -> WsClient {
+        let c = Self::connect_with(url, protocol, Some(actor)).await;
+        c.init().await
+    }
+
+    async fn connect_with(url: &str, protocol: Protocol, actor: Option<&str>) -> WsClient {
         let mut req = url.into_client_request().expect("ws request");
         req.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             protocol.name().parse().expect("header"),
         );
+        if let Some(actor) = actor {
+            req.headers_mut()
+                .insert("x-actor-id", actor.parse().expect("header"));
+        }
         let (ws, resp) = tokio_tungstenite::connect_async(req)
             .await
             .expect("websocket connects");
@@ -63,13 +77,17 @@ impl WsClient {
         WsClient { ws, protocol }
     }
 
-    /// Connect and complete the `connection_init` / `connection_ack` handshake.
+    /// Connect and complete the handshake.
     pub async fn connect_init(url: &str, protocol: Protocol) -> WsClient {
-        let mut c = Self::connect(url, protocol).await;
-        c.send(json!({ "type": "connection_init", "payload": {} }))
+        Self::connect(url, protocol).await.init().await
+    }
+
+    /// Complete the `connection_init` / `connection_ack` handshake.
+    async fn init(mut self) -> WsClient {
+        self.send(json!({ "type": "connection_init", "payload": {} }))
             .await;
-        match c.recv().await {
-            Incoming::Other(v) if v["type"] == "connection_ack" => c,
+        match self.recv().await {
+            Incoming::Other(v) if v["type"] == "connection_ack" => self,
             other => panic!("expected connection_ack, got {other:?}"),
         }
     }
