@@ -79,7 +79,8 @@ pub struct Renders {
 }
 
 type RenderKey = (Arc<str>, i64);
-type Rendering = Arc<OnceCell<Value>>;
+/// The data of one event's rendering (`None`: the resolver dropped the event).
+type Rendering = Arc<OnceCell<Option<Value>>>;
 
 #[derive(Default)]
 struct RenderMap {
@@ -232,7 +233,9 @@ impl Executor for SharedExecutor {
             let key = parts.key(&this.caller);
             while let Some(item) = events.next().await {
                 let failed = item.is_err();
-                yield this.render(&parts, &key, &session, item).await;
+                if let Some(response) = this.render(&parts, &key, &session, item).await {
+                    yield response;
+                }
                 if failed {
                     break;
                 }
@@ -243,14 +246,15 @@ impl Executor for SharedExecutor {
 }
 
 impl SharedExecutor {
-    /// The response for one event: shared when it renders without errors.
+    /// The response for one event (`None` if the resolver drops it): shared when it renders
+    /// without errors.
     async fn render(
         &self,
         parts: &Parts,
         key: &Arc<str>,
         session: &Arc<Data>,
         item: EventItem,
-    ) -> Response {
+    ) -> Option<Response> {
         let sequence = match &item {
             Ok(ev) => ev.sequence,
             Err(_) => return self.render_alone(parts, session, item).await,
@@ -258,27 +262,31 @@ impl SharedExecutor {
         let cell = self.renders.cell(key, sequence);
         let shared = cell
             .get_or_try_init(|| async {
-                let response = self.render_alone(parts, session, item.clone()).await;
-                if response.errors.is_empty() {
-                    Ok(response.data)
-                } else {
-                    Err(response)
+                match self.render_alone(parts, session, item.clone()).await {
+                    Some(response) if response.errors.is_empty() => Ok(Some(response.data)),
+                    Some(response) => Err(response),
+                    None => Ok(None),
                 }
             })
             .await;
         match shared {
-            Ok(data) => Response::new(data.clone()),
-            Err(response) => response,
+            Ok(data) => data.clone().map(Response::new),
+            Err(response) => Some(response),
         }
     }
 
-    async fn render_alone(&self, parts: &Parts, session: &Arc<Data>, item: EventItem) -> Response {
+    async fn render_alone(
+        &self,
+        parts: &Parts,
+        session: &Arc<Data>,
+        item: EventItem,
+    ) -> Option<Response> {
         self.renders.executed.fetch_add(1, Ordering::Relaxed);
         let request = parts.request().data(RenderOne(item));
         let mut responses = self
             .schema
             .execute_stream_with_session_data(request, session.clone());
-        responses.next().await.unwrap_or_default()
+        responses.next().await
     }
 }
 
