@@ -10,21 +10,25 @@
 //! 2. reads that event stream itself, per subscriber, so every client keeps its own cursor;
 //! 3. renders each event by executing the same request with the event pinned ([`RenderOne`]),
 //!    once per *distinct request* (document, operation, variables, extensions, caller) and event:
-//!    the first subscriber to need it renders it, the others reuse the result ([`Renders`]).
+//!    the first subscriber to need it starts it, every subscriber waiting for it drives it (one
+//!    that stops reading holds up nobody), later ones reuse it for [`Renders::MAX_AGE`].
 //!
-//! A rendering that carries errors is not shared: each subscriber renders its own. Queries and
-//! mutations sent over a WebSocket, and anything the probe cannot hand over, run on the schema
-//! exactly as before.
+//! A rendering that carries errors goes to those already waiting for it and is then dropped, so
+//! the next subscriber renders again. Queries and mutations sent over a WebSocket, and any
+//! subscription whose probe answers something (an error) or hands over other than exactly one
+//! stream, run on the schema exactly as before.
 
 use super::AppSchema;
 use crate::domain::events::StoredEvent;
 use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, OperationType};
-use async_graphql::{Data, Executor, Request, Response, Value, Variables};
+use async_graphql::{Data, Executor, Request, Response, ServerError, Value, Variables};
+use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{BoxStream, StreamExt};
+use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::OnceCell;
+use std::time::{Duration, Instant};
 
 /// One item of a subscription resolver's event stream.
 pub type EventItem = Result<Arc<StoredEvent>, async_graphql::Error>;
@@ -70,7 +74,8 @@ pub fn event_source(
     }
 }
 
-/// Renderings shared between subscribers, the most recent [`Renders::CAPACITY`] kept.
+/// Renderings shared between subscribers: at most [`Renders::CAPACITY`], none older than
+/// [`Renders::MAX_AGE`].
 #[derive(Default)]
 pub struct Renders {
     inner: Mutex<RenderMap>,
@@ -78,35 +83,58 @@ pub struct Renders {
     executed: AtomicU64,
 }
 
-type RenderKey = (Arc<str>, i64);
-/// The data of one event's rendering (`None`: the resolver dropped the event).
-type Rendering = Arc<OnceCell<Option<Value>>>;
+/// A request's key (a SHA-256 digest: entries stay small however long the document) and an
+/// event's sequence.
+type RenderKey = ([u8; 32], i64);
+/// One event's rendering: data and errors, or `None` if the resolver dropped the event.
+type Rendered = Option<(Value, Vec<ServerError>)>;
+/// Driven by whichever subscriber polls it, so a subscriber that stops reading holds up nobody.
+type Rendering = Shared<BoxFuture<'static, Rendered>>;
 
 #[derive(Default)]
 struct RenderMap {
-    cells: HashMap<RenderKey, Rendering>,
-    order: VecDeque<RenderKey>,
+    cells: HashMap<RenderKey, (Rendering, Instant)>,
+    order: VecDeque<(RenderKey, Instant)>,
 }
 
 impl Renders {
-    /// Renderings kept; an evicted one is rendered again if a late subscriber needs it.
+    /// Renderings kept; an evicted one is rendered again if a subscriber needs it.
     pub const CAPACITY: usize = 4096;
+    /// How long a rendering is reused: a nested `run { … }` is at most this old.
+    pub const MAX_AGE: Duration = Duration::from_secs(1);
 
-    fn cell(&self, request: &Arc<str>, sequence: i64) -> Rendering {
+    /// The rendering of `sequence` for `request`: the one in progress or made within
+    /// [`Self::MAX_AGE`], or a new one from `render`.
+    fn rendering(
+        &self,
+        request: &[u8; 32],
+        sequence: i64,
+        render: impl FnOnce() -> BoxFuture<'static, Rendered>,
+    ) -> Rendering {
+        let now = Instant::now();
         let mut map = lock(&self.inner);
-        let key = (request.clone(), sequence);
-        if let Some(cell) = map.cells.get(&key) {
-            return cell.clone();
-        }
-        let cell = Rendering::default();
-        map.cells.insert(key.clone(), cell.clone());
-        map.order.push_back(key);
-        while map.order.len() > Self::CAPACITY {
-            if let Some(old) = map.order.pop_front() {
+        while let Some((old, made)) = map.order.front().cloned() {
+            if map.order.len() < Self::CAPACITY && now.duration_since(made) <= Self::MAX_AGE {
+                break;
+            }
+            map.order.pop_front();
+            if map.cells.get(&old).is_some_and(|(_, at)| *at == made) {
                 map.cells.remove(&old);
             }
         }
+        let key = (*request, sequence);
+        if let Some((cell, _)) = map.cells.get(&key) {
+            return cell.clone();
+        }
+        let cell = render().shared();
+        map.cells.insert(key, (cell.clone(), now));
+        map.order.push_back((key, now));
         cell
+    }
+
+    /// Drop a rendering (one that failed): the next subscriber renders again.
+    fn forget(&self, request: &[u8; 32], sequence: i64) {
+        lock(&self.inner).cells.remove(&(*request, sequence));
     }
 
     /// How many times an event has been rendered (a shared rendering counts once).
@@ -156,16 +184,21 @@ impl Parts {
         request
     }
 
-    /// Everything that decides how an event renders, as one string.
-    fn key(&self, caller: &str) -> Arc<str> {
-        format!(
-            "{caller}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
+    /// A digest of everything that decides how an event renders.
+    fn key(&self, caller: &str) -> [u8; 32] {
+        let mut digest = Sha256::new();
+        for part in [
+            caller,
             self.operation_name.as_deref().unwrap_or(""),
-            json(&self.variables),
-            json(&self.extensions),
-            self.query
-        )
-        .into()
+            &json(&self.variables),
+            &json(&self.extensions),
+            &self.query,
+        ] {
+            // Length-prefixed, so no two different requests feed the same bytes.
+            digest.update((part.len() as u64).to_le_bytes());
+            digest.update(part.as_bytes());
+        }
+        digest.finalize().into()
     }
 
     fn is_subscription(&self) -> bool {
@@ -215,22 +248,21 @@ impl Executor for SharedExecutor {
             let slot = HandOver::default();
             let probe = parts.request().data(slot.clone());
             let mut probe = this.schema.execute_stream_with_session_data(probe, session.clone());
-            let mut answered = false;
-            while let Some(response) = probe.next().await {
-                answered = true;
-                yield response;
-            }
-            let Some(mut events) = slot.take_one() else {
-                if !answered {
-                    // Not a single-field subscription we can share: the schema serves it.
-                    let mut plain = this.schema.execute_stream_with_session_data(parts.request(), session);
-                    while let Some(response) = plain.next().await {
-                        yield response;
-                    }
+            // Shared only when the probe answered nothing (no error anywhere in the request)
+            // and handed over exactly one stream; otherwise the schema serves the request
+            // exactly as it would without sharing (errors and all).
+            let answered = probe.next().await.is_some();
+            let events = if answered { None } else { slot.take_one() };
+            let Some(mut events) = events else {
+                let mut plain = this.schema.execute_stream_with_session_data(parts.request(), session);
+                while let Some(response) = plain.next().await {
+                    yield response;
                 }
                 return;
             };
+            drop(probe);
             let key = parts.key(&this.caller);
+            let parts = Arc::new(parts);
             while let Some(item) = events.next().await {
                 let failed = item.is_err();
                 if let Some(response) = this.render(&parts, &key, &session, item).await {
@@ -246,50 +278,135 @@ impl Executor for SharedExecutor {
 }
 
 impl SharedExecutor {
-    /// The response for one event (`None` if the resolver drops it): shared when it renders
-    /// without errors.
+    /// The response for one event (`None` if the resolver drops it), shared by every subscriber
+    /// with the same request; one that carries errors is shared only by those waiting for it.
     async fn render(
         &self,
-        parts: &Parts,
-        key: &Arc<str>,
+        parts: &Arc<Parts>,
+        key: &[u8; 32],
         session: &Arc<Data>,
         item: EventItem,
     ) -> Option<Response> {
         let sequence = match &item {
             Ok(ev) => ev.sequence,
-            Err(_) => return self.render_alone(parts, session, item).await,
+            Err(_) => {
+                let response = self
+                    .render_alone(parts.clone(), session.clone(), item)
+                    .await?;
+                return Some(response_of(response));
+            }
         };
-        let cell = self.renders.cell(key, sequence);
-        let shared = cell
-            .get_or_try_init(|| async {
-                match self.render_alone(parts, session, item.clone()).await {
-                    Some(response) if response.errors.is_empty() => Ok(Some(response.data)),
-                    Some(response) => Err(response),
-                    None => Ok(None),
-                }
-            })
-            .await;
-        match shared {
-            Ok(data) => data.clone().map(Response::new),
-            Err(response) => Some(response),
+        let rendering = self.renders.rendering(key, sequence, || {
+            let (this, parts, session) = (self.clone(), parts.clone(), session.clone());
+            async move { this.render_alone(parts, session, item).await }.boxed()
+        });
+        let rendered = rendering.await?;
+        if !rendered.1.is_empty() {
+            self.renders.forget(key, sequence);
         }
+        Some(response_of(rendered))
     }
 
     async fn render_alone(
         &self,
-        parts: &Parts,
-        session: &Arc<Data>,
+        parts: Arc<Parts>,
+        session: Arc<Data>,
         item: EventItem,
-    ) -> Option<Response> {
+    ) -> Option<(Value, Vec<ServerError>)> {
         self.renders.executed.fetch_add(1, Ordering::Relaxed);
         let request = parts.request().data(RenderOne(item));
         let mut responses = self
             .schema
-            .execute_stream_with_session_data(request, session.clone());
-        responses.next().await
+            .execute_stream_with_session_data(request, session);
+        let response = responses.next().await?;
+        Some((response.data, response.errors))
     }
+}
+
+fn response_of((data, errors): (Value, Vec<ServerError>)) -> Response {
+    let mut response = Response::new(data);
+    response.errors = errors;
+    response
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(n: i64) -> BoxFuture<'static, Rendered> {
+        async move { Some((Value::from(n), Vec::new())) }.boxed()
+    }
+
+    fn data(rendered: Rendered) -> Value {
+        rendered.expect("rendered").0
+    }
+
+    /// The subscriber that started a rendering stops polling it (its socket is full): another
+    /// subscriber waiting for the same rendering drives it to the end.
+    #[tokio::test]
+    async fn a_stalled_subscriber_holds_up_nobody() {
+        let renders = Renders::default();
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let mut first = renders.rendering(&[1; 32], 7, || {
+            async move {
+                let _ = wait.await;
+                Some((Value::from(7), Vec::new()))
+            }
+            .boxed()
+        });
+        assert!((&mut first).now_or_never().is_none());
+        let second = renders.rendering(&[1; 32], 7, || unreachable!("shared"));
+        go.send(()).expect("send");
+        let got = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the second subscriber is not held up");
+        assert_eq!(data(got), Value::from(7));
+    }
+
+    #[tokio::test]
+    async fn renderings_are_reused_per_request_and_event_until_they_age() {
+        let renders = Renders::default();
+        assert_eq!(
+            data(renders.rendering(&[1; 32], 1, || value(1)).await),
+            Value::from(1)
+        );
+        let reused = renders.rendering(&[1; 32], 1, || unreachable!("reused"));
+        assert_eq!(data(reused.await), Value::from(1));
+        let other_event = renders.rendering(&[1; 32], 2, || value(2));
+        assert_eq!(data(other_event.await), Value::from(2));
+        let other_request = renders.rendering(&[2; 32], 1, || value(3));
+        assert_eq!(data(other_request.await), Value::from(3));
+
+        renders.forget(&[1; 32], 1);
+        assert_eq!(
+            data(renders.rendering(&[1; 32], 1, || value(4)).await),
+            Value::from(4)
+        );
+
+        tokio::time::sleep(Renders::MAX_AGE + Duration::from_millis(50)).await;
+        assert_eq!(
+            data(renders.rendering(&[1; 32], 2, || value(5)).await),
+            Value::from(5)
+        );
+        assert_eq!(
+            lock(&renders.inner).cells.len(),
+            1,
+            "aged renderings are dropped"
+        );
+    }
+
+    #[test]
+    fn at_most_capacity_renderings_are_kept() {
+        let renders = Renders::default();
+        for seq in 0..(Renders::CAPACITY as i64 + 10) {
+            drop(renders.rendering(&[1; 32], seq, || value(seq)));
+        }
+        let map = lock(&renders.inner);
+        assert_eq!(map.cells.len(), Renders::CAPACITY);
+        assert!(!map.cells.contains_key(&([1; 32], 0)));
+    }
 }

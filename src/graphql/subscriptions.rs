@@ -127,7 +127,8 @@ impl RunStatusChange {
     async fn occurred_at(&self) -> DateTime<Utc> {
         ts(&self.event.occurred_at)
     }
-    /// The run as it is now.
+    /// The run as it is when this change is delivered (over a WebSocket: when it was rendered
+    /// for identical subscriptions, at most a second before).
     async fn run(&self, ctx: &Context<'_>) -> Result<Option<WorkflowRun>> {
         let id = self.event.run_id.clone().unwrap_or_default();
         Ok(services(ctx).store.run(&id).await?.map(WorkflowRun))

@@ -8,6 +8,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
 use vm_workflow::bus::EventBus;
+use vm_workflow::graphql::fanout::Renders;
 use vm_workflow::graphql::{build_schema, AppSchema};
 use vm_workflow::store::EventFilter;
 
@@ -480,43 +481,94 @@ async fn ws_subscribers_share_each_rendering(backend: Backend) {
     assert_eq!(executed(&app) - before, 3 * driven.len() as u64);
 }
 
-/// A subscriber that arrives late with the same request catches up from its own cursor, on
-/// the renderings already made; a different cursor is a different request.
-async fn ws_late_subscriber_reuses_renderings(backend: Backend) {
+/// Subscribers that arrive after the run catch up from their own cursor; those sending the same
+/// request share one fresh rendering of each event: a nested `run` shows the run as it is when
+/// they catch up (completed), not as it was when the early subscriber's renderings were made.
+/// A different cursor is a different request.
+async fn ws_late_subscribers_share_fresh_renderings(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let thread = app.thread().await;
     let cursor = app.head().await;
     let vars = json!({ "t": thread, "a": cursor });
-    let mut early = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    let url = app.ws_url();
+    let mut early = WsClient::connect_init(&url, Protocol::Transport).await;
     early.subscribe("e", STATUS_SUB, vars.clone()).await;
     let run = app.start_run_id(&thread, "content_calendar").await;
     let driven = follow_to_completion(&mut early, "e", &app, &run).await;
+    // Past the age up to which a rendering is reused.
+    tokio::time::sleep(Renders::MAX_AGE + Duration::from_millis(200)).await;
     let after_run = executed(&app);
 
-    let mut late = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
-    late.subscribe("l", STATUS_SUB, vars).await;
-    let got: Vec<Seen> = payloads_until_completed(&mut late, "l")
-        .await
-        .iter()
-        .map(seen)
-        .collect();
-    assert_eq!(got, driven);
-    assert_eq!(
-        executed(&app),
-        after_run,
-        "the late subscriber rendered again"
-    );
+    let mut late = vec![
+        WsClient::connect_init(&url, Protocol::Transport).await,
+        WsClient::connect_init(&url, Protocol::Transport).await,
+    ];
+    for ws in &mut late {
+        ws.subscribe("l", STATUS_SUB, vars.clone()).await;
+    }
+    for ws in &mut late {
+        let got = payloads_until_completed(ws, "l").await;
+        assert_eq!(got.iter().map(seen).collect::<Vec<_>>(), driven);
+        for d in &got {
+            assert_eq!(d["workflowRunStatusChanged"]["run"]["status"], "COMPLETED");
+        }
+    }
+    assert_eq!(executed(&app) - after_run, driven.len() as u64);
 
     let from_second = driven[1].sequence;
-    late.subscribe("m", STATUS_SUB, json!({ "t": thread, "a": from_second }))
+    late[0]
+        .subscribe("m", STATUS_SUB, json!({ "t": thread, "a": from_second }))
         .await;
-    let rest: Vec<Seen> = payloads_until_completed(&mut late, "m")
+    let rest: Vec<Seen> = payloads_until_completed(&mut late[0], "m")
         .await
         .iter()
         .map(seen)
         .collect();
     assert_eq!(rest, driven[2..]);
-    assert_eq!(executed(&app), after_run + rest.len() as u64);
+    assert_eq!(
+        executed(&app) - after_run,
+        (driven.len() + rest.len()) as u64
+    );
+}
+
+/// An error in one root field of a subscription (`b`: neither runId nor threadId) does not hide
+/// the events of the other: one error, then the events, exactly as without sharing.
+async fn ws_partly_failing_subscription_still_streams(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let thread = app.thread().await;
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    let query = "subscription($t: ID, $a: Int) {
+        a: workflowRunStatusChanged(threadId: $t, afterSequence: $a) { sequence toStatus }
+        b: workflowRunStatusChanged { sequence } }";
+    ws.subscribe("p", query, json!({ "t": thread, "a": app.head().await }))
+        .await;
+    let run = app.start_run_id(&thread, "content_calendar").await;
+    let (mut statuses, mut errors) = (Vec::new(), 0);
+    while statuses.last().map(String::as_str) != Some("COMPLETED") {
+        match ws.recv().await {
+            Incoming::Data { id, data } if id == "p" => {
+                match data["data"]["a"]["toStatus"].as_str() {
+                    Some(to) => {
+                        if to == "WAITING_APPROVAL" {
+                            app.approve(&run, None).await;
+                        }
+                        statuses.push(to.to_string());
+                    }
+                    None => {
+                        assert!(
+                            data.get("errors").is_some(),
+                            "neither data nor errors: {data}"
+                        );
+                        errors += 1;
+                    }
+                }
+            }
+            Incoming::Ping => ws.send(json!({ "type": "pong" })).await,
+            other => panic!("unexpected {other:?} after {statuses:?}, {errors} errors"),
+        }
+    }
+    assert_eq!(statuses.len(), foundation_life().len());
+    assert_eq!(errors, 1);
 }
 
 /// A subscription with two root fields is not shared: the schema serves it, both fields live.
@@ -579,7 +631,8 @@ async fn ws_queries_and_mutations_run_once(backend: Backend) {
 
 crate::both_backends!(
     ws_subscribers_share_each_rendering,
-    ws_late_subscriber_reuses_renderings,
+    ws_late_subscribers_share_fresh_renderings,
+    ws_partly_failing_subscription_still_streams,
     ws_queries_and_mutations_run_once,
     ws_two_root_fields_still_stream,
     idle_bus_does_not_spin,
