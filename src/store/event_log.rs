@@ -61,6 +61,7 @@ impl WriteTx {
             .await?;
         let count = stored.len();
         self.appended_up_to(first_sequence + count as i64 - 1, count);
+        self.keep_for_bus(&stored);
         Ok(stored)
     }
 }

@@ -16,16 +16,17 @@ pub mod rebuild;
 mod rows;
 pub mod seed;
 
+use crate::domain::events::StoredEvent;
 use crate::error::AppError;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
     DbErr, SqlErr, Statement, StatementBuilder, TransactionTrait,
 };
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{oneshot, Mutex, Notify, OwnedMutexGuard};
+use tokio::sync::{mpsc, oneshot, Mutex, Notify, OwnedMutexGuard};
 
 pub use rows::{
     ApprovalRow, ArtifactRow, BrandRow, EventFilter, Page, ProjectRow, ThreadRow, TimelineRow,
@@ -69,8 +70,33 @@ struct Batch {
     /// Since when the first of `waiters` waits: past [`max_batch_age`] the batch commits,
     /// however many writers queue.
     waiting_since: Option<Instant>,
+    /// The events of `waiters`' savepoints, for the bus once `tx` commits.
+    events: Vec<StoredEvent>,
+    feed: Arc<CommittedFeed>,
     committed: Arc<Notify>,
     stats: Arc<WriteStats>,
+}
+
+/// Where committed events go, in commit order, when the event bus listens (see
+/// [`Store::committed_events`]): the bus publishes them without reading them back from the log.
+#[derive(Debug)]
+struct CommittedFeed {
+    /// This store's name in `NOTIFY` payloads, so its own feeder can skip them.
+    instance: String,
+    sink: std::sync::Mutex<Option<mpsc::UnboundedSender<Vec<StoredEvent>>>>,
+    listening: AtomicBool,
+}
+
+impl CommittedFeed {
+    fn send(&self, events: Vec<StoredEvent>) {
+        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = sink.as_ref() {
+            if tx.send(events).is_err() {
+                *sink = None;
+                self.listening.store(false, Ordering::SeqCst);
+            }
+        }
+    }
 }
 
 /// How well writes are grouped: writers committed, and the commits that carried them.
@@ -129,13 +155,14 @@ impl Batch {
         let appended = std::mem::take(&mut self.appended);
         let writers = std::mem::take(&mut self.writers);
         self.waiting_since = None;
-        self.head = None;
+        let head = self.head.take();
         let waiters = std::mem::take(&mut self.waiters);
+        let events = std::mem::take(&mut self.events);
         let result = async {
             if appended > 0 && self.backend == DbBackend::Postgres {
                 tx.execute_raw(Statement::from_string(
                     DbBackend::Postgres,
-                    format!("SELECT pg_notify('{PG_CHANNEL}', '')"),
+                    format!("SELECT pg_notify('{PG_CHANNEL}', '{}')", self.feed.instance),
                 ))
                 .await?;
             }
@@ -143,6 +170,15 @@ impl Batch {
         }
         .await;
         let ok = result.is_ok();
+        // On SQLite this process is the only writer (every write takes the lock above), so the
+        // committed head stays right for the next batch: one `SELECT MAX(sequence)` less per
+        // batch. On Postgres other instances append too: read it again.
+        if ok && self.backend == DbBackend::Sqlite {
+            self.head = head;
+        }
+        if ok && !events.is_empty() {
+            self.feed.send(events);
+        }
         for w in waiters {
             let _ = w.send(if ok { Ok(()) } else { Err(()) });
         }
@@ -217,6 +253,7 @@ pub struct Store {
     queued: Arc<AtomicUsize>,
     /// Woken after every commit that appended events.
     committed: Arc<Notify>,
+    feed: Arc<CommittedFeed>,
     stats: Arc<WriteStats>,
 }
 
@@ -239,6 +276,11 @@ impl Store {
         let db = Database::connect(opts).await.map_err(AppError::internal)?;
         let backend = db.get_database_backend();
         let committed = Arc::new(Notify::new());
+        let feed = Arc::new(CommittedFeed {
+            instance: crate::domain::ids::generate("store-"),
+            sink: Default::default(),
+            listening: AtomicBool::new(false),
+        });
         let stats = Arc::new(WriteStats::default());
         Ok(Store {
             db,
@@ -251,11 +293,14 @@ impl Store {
                 head: None,
                 writers: 0,
                 waiting_since: None,
+                events: Vec::new(),
+                feed: feed.clone(),
                 committed: committed.clone(),
                 stats: stats.clone(),
             })),
             queued: Arc::new(AtomicUsize::new(0)),
             committed,
+            feed,
             stats,
         })
     }
@@ -287,6 +332,20 @@ impl Store {
 
     pub fn committed_notify(&self) -> Arc<Notify> {
         self.committed.clone()
+    }
+
+    /// The payload of this store's `NOTIFY`s (its feeder has their events already).
+    pub fn notify_payload(&self) -> &str {
+        &self.feed.instance
+    }
+
+    /// Every batch of events this process commits from now on, in commit order (the event bus's
+    /// feeder). A second call takes the feed over: the earlier receiver ends.
+    pub fn committed_events(&self) -> mpsc::UnboundedReceiver<Vec<StoredEvent>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.feed.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        self.feed.listening.store(true, Ordering::SeqCst);
+        rx
     }
 
     /// Writers committed and the commits that carried them, since start.
@@ -331,13 +390,12 @@ impl Store {
                 return Err(e.into());
             }
         };
-        let head_at_start = guard.head;
         Ok(WriteTx {
             tx: Some(savepoint),
             guard: Some(guard),
             queued: self.queued.clone(),
-            head_at_start,
             appended: 0,
+            events: Vec::new(),
         })
     }
 }
@@ -348,8 +406,9 @@ pub struct WriteTx {
     tx: Option<DatabaseTransaction>,
     guard: Option<OwnedMutexGuard<Batch>>,
     queued: Arc<AtomicUsize>,
-    head_at_start: Option<i64>,
     appended: usize,
+    /// This writer's events, kept for the bus only while it listens.
+    events: Vec<StoredEvent>,
 }
 
 impl WriteTx {
@@ -398,12 +457,23 @@ impl WriteTx {
         self.appended += count;
     }
 
+    /// Keep appended events for the bus, which publishes them once the batch commits.
+    pub(crate) fn keep_for_bus(&mut self, events: &[StoredEvent]) {
+        let listening = self
+            .guard
+            .as_ref()
+            .is_some_and(|g| g.feed.listening.load(Ordering::Relaxed));
+        if listening {
+            self.events.extend_from_slice(events);
+        }
+    }
+
     /// Make this writer's changes part of the batch, and return once the batch has committed.
     pub async fn commit(mut self) -> Result<(), AppError> {
         let tx = self.tx.take().expect("commit once");
         let mut guard = self.guard.take().expect("commit once");
         if let Err(e) = tx.commit().await {
-            guard.head = self.head_at_start;
+            guard.head = None;
             if guard.waiters.is_empty() {
                 // Nothing else rides on this transaction: start over next time.
                 guard.tx = None;
@@ -412,6 +482,7 @@ impl WriteTx {
             return Err(e.into());
         }
         guard.appended += self.appended;
+        guard.events.append(&mut self.events);
         guard.writers += 1;
         if self.queued.load(Ordering::SeqCst) == 0
             || guard.waiters.len() + 1 >= max_batch()
@@ -441,7 +512,9 @@ impl Drop for WriteTx {
         let Some(mut guard) = self.guard.take() else {
             return;
         };
-        guard.head = self.head_at_start;
+        // Read the head again after a rollback: a cached one may be what failed (another
+        // process appending to the same SQLite file, say).
+        guard.head = None;
         if self.queued.load(Ordering::SeqCst) > 0 {
             // The next writer in line carries on in the batch and settles it.
             return;
@@ -450,6 +523,7 @@ impl Drop for WriteTx {
             // Nothing of anyone's is in the batch: roll it back rather than leave it open.
             drop(guard.tx.take());
             guard.appended = 0;
+            guard.events.clear();
             guard.writers = 0;
             guard.waiting_since = None;
             guard.head = None;

@@ -385,7 +385,7 @@ async fn event_head_is_where_to_subscribe_from(backend: Backend) {
 /// on its slow safety timer (every 500 ms), never in a loop.
 async fn idle_bus_does_not_spin(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let bus = EventBus::new(16, app.head().await);
+    let bus = EventBus::new(256, app.head().await);
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     bus.spawn_feeder(app.services.store.clone(), stop_rx);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -402,6 +402,25 @@ async fn idle_bus_does_not_spin(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(10)).await;
         waited += 10;
     }
+    // This process's commits reach the bus without being read back from the log: every one of
+    // them, in order, with only the safety timer's reads.
+    let mut rx = bus.subscribe();
+    let (from, reads) = (bus.head(), bus.log_reads());
+    for _ in 0..10 {
+        app.thread().await;
+    }
+    let to = app.head().await;
+    let mut got = Vec::new();
+    while got.last() != Some(&to) {
+        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("published within 5 s")
+            .expect("bus open");
+        got.push(ev.sequence);
+    }
+    assert_eq!(got, ((from + 1)..=to).collect::<Vec<_>>());
+    let read = bus.log_reads() - reads;
+    assert!(read <= 6, "{} commits, {read} log reads", to - from);
 }
 
 /// How many times the server has rendered a subscription event so far.
