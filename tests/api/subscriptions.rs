@@ -381,8 +381,9 @@ async fn event_head_is_where_to_subscribe_from(backend: Backend) {
     assert_life(&got);
 }
 
-/// An idle bus sleeps: it reads the log when woken by a commit (or NOTIFY), and otherwise only
-/// on its slow safety timer (every 500 ms), never in a loop.
+/// An idle bus sleeps: it reads the log on another instance's NOTIFY or at a gap, and otherwise
+/// only on its slow safety timer (every 500 ms), never in a loop; this process's commits reach
+/// it without a read.
 async fn idle_bus_does_not_spin(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let bus = EventBus::new(256, app.head().await);
