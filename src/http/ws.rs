@@ -124,12 +124,19 @@ pub async fn serve(
                     }
                 }
                 Outgoing::End(last) => {
+                    let closing = last.iter().any(|m| matches!(m, Message::Close(_)));
                     for msg in last {
                         if sink.feed(msg).await.is_err() {
                             return;
                         }
                     }
                     let _ = sink.flush().await;
+                    if closing {
+                        // We close: keep the socket a moment so the client reads our close frame.
+                        // Closing a socket with unread input (the rest of an oversized message,
+                        // say) sends a TCP reset, which can discard the frame before it is read.
+                        tokio::time::sleep(CLOSE_LINGER).await;
+                    }
                     return;
                 }
             }
@@ -147,6 +154,9 @@ pub async fn serve(
         }
     }
 }
+
+/// How long a connection the server closes stays open after its close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// Messages written to the socket before one flush, at most.
 const MAX_BURST: usize = 64;
