@@ -12,4 +12,5 @@ pub mod runtime;
 pub mod service;
 pub mod startup;
 pub mod store;
+pub mod sync;
 pub mod telemetry;

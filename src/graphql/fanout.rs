@@ -20,6 +20,7 @@
 
 use super::AppSchema;
 use crate::domain::events::StoredEvent;
+use crate::sync::lock;
 use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, OperationType};
 use async_graphql::{Data, Executor, Request, Response, ServerError, Value, Variables};
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -327,10 +328,6 @@ fn response_of((data, errors): (Value, Vec<ServerError>)) -> Response {
     let mut response = Response::new(data);
     response.errors = errors;
     response
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

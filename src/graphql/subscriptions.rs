@@ -2,7 +2,7 @@
 //! from the bus, dropping any already sent; a lagging subscriber re-reads the log. On WebSocket
 //! connections each event is rendered once per distinct request (see [`super::fanout`]).
 
-use super::fanout::event_source;
+use super::fanout::{event_source, EventItem};
 use super::services;
 use super::types::{ts, RunStatus, WorkflowEvent, WorkflowRun};
 use crate::bus::EventBus;
@@ -84,6 +84,22 @@ pub fn event_stream(
     }
 }
 
+/// A resolver's events: [`event_stream`], through [`event_source`] (which shares renderings on
+/// WebSocket connections).
+fn events(
+    ctx: &Context<'_>,
+    filter: EventFilter,
+    keep: fn(&StoredEvent) -> bool,
+    after: Option<i64>,
+) -> futures::stream::BoxStream<'static, EventItem> {
+    event_source(ctx, || {
+        let bus = ctx.data_unchecked::<EventBus>().clone();
+        event_stream(services(ctx).clone(), bus, filter, keep, after)
+            .map_err(Into::into)
+            .boxed()
+    })
+}
+
 fn parse_cursor(after: Option<i64>) -> Result<Option<i64>, AppError> {
     match after {
         Some(n) if n < 0 => Err(AppError::validation("afterSequence must be >= 0")),
@@ -157,16 +173,12 @@ impl SubscriptionRoot {
             run_id: run_id.map(|i| i.0),
             thread_id: thread_id.map(|i| i.0),
         };
-        let stream = event_source(ctx, || {
-            let events = event_stream(
-                services(ctx).clone(),
-                ctx.data_unchecked::<EventBus>().clone(),
-                filter,
-                |ev| ev.body.status_transition().is_some(),
-                after,
-            );
-            events.map_err(Into::into).boxed()
-        });
+        let stream = events(
+            ctx,
+            filter,
+            |ev| ev.body.status_transition().is_some(),
+            after,
+        );
         Ok(stream.filter_map(|item| async move {
             match item {
                 Err(e) => Some(Err(e)),
@@ -196,16 +208,7 @@ impl SubscriptionRoot {
             run_id: Some(run_id.0),
             thread_id: None,
         };
-        let stream = event_source(ctx, || {
-            let events = event_stream(
-                services(ctx).clone(),
-                ctx.data_unchecked::<EventBus>().clone(),
-                filter,
-                |_| true,
-                after,
-            );
-            events.map_err(Into::into).boxed()
-        });
+        let stream = events(ctx, filter, |_| true, after);
         Ok(stream.map(|item| item.map(WorkflowEvent)))
     }
 }

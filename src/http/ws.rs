@@ -4,6 +4,7 @@
 //! the legacy protocol), and a bound on the operations active at once on one connection.
 
 use crate::graphql::fanout::SharedExecutor;
+use crate::sync::lock;
 use async_graphql::http::{WebSocketProtocols, WsMessage};
 use async_graphql::Data;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -202,12 +203,6 @@ fn outgoing(
         Ready::Message(msg @ Message::Close(_)) => Outgoing::End(vec![msg]),
         Ready::Message(msg) => Outgoing::Send(msg),
     }
-}
-
-fn lock(tracker: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
-    tracker
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn close(code: u16, reason: &str) -> Message {

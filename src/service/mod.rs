@@ -52,7 +52,7 @@ impl RunCache {
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, crate::domain::run::RunState>>
     {
-        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.runs)
     }
 
     pub fn get(&self, run_id: &str) -> Option<crate::domain::run::RunState> {

@@ -89,7 +89,7 @@ struct CommittedFeed {
 
 impl CommittedFeed {
     fn send(&self, events: Vec<StoredEvent>) {
-        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sink = crate::sync::lock(&self.sink);
         if let Some(tx) = sink.as_ref() {
             if tx.send(events).is_err() {
                 *sink = None;
@@ -343,7 +343,7 @@ impl Store {
     /// feeder). A second call takes the feed over: the earlier receiver ends.
     pub fn committed_events(&self) -> mpsc::UnboundedReceiver<Vec<StoredEvent>> {
         let (tx, rx) = mpsc::unbounded_channel();
-        *self.feed.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        *crate::sync::lock(&self.feed.sink) = Some(tx);
         self.feed.listening.store(true, Ordering::SeqCst);
         rx
     }

@@ -442,13 +442,19 @@ async fn payloads_until_completed(ws: &mut WsClient, op: &str) -> Vec<Value> {
     }
 }
 
+/// A new thread, and `STATUS_SUB` variables that watch it from the log's current head.
+async fn watched_thread(app: &TestApp) -> (String, Value) {
+    let thread = app.thread().await;
+    let cursor = app.head().await;
+    let vars = json!({ "t": thread, "a": cursor });
+    (thread, vars)
+}
+
 /// Subscribers sending the same request share one rendering of each event, whatever their
 /// protocol; another caller or another selection renders its own. Each gets every transition.
 async fn ws_subscribers_share_each_rendering(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let thread = app.thread().await;
-    let cursor = app.head().await;
-    let vars = json!({ "t": thread, "a": cursor });
+    let (thread, vars) = watched_thread(&app).await;
     let url = app.ws_url();
     let mut driver = WsClient::connect_init(&url, Protocol::Transport).await;
     let mut same = vec![
@@ -507,9 +513,7 @@ async fn ws_subscribers_share_each_rendering(backend: Backend) {
 /// A different cursor is a different request.
 async fn ws_late_subscribers_share_fresh_renderings(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let thread = app.thread().await;
-    let cursor = app.head().await;
-    let vars = json!({ "t": thread, "a": cursor });
+    let (thread, vars) = watched_thread(&app).await;
     let url = app.ws_url();
     let mut early = WsClient::connect_init(&url, Protocol::Transport).await;
     early.subscribe("e", STATUS_SUB, vars.clone()).await;
