@@ -173,7 +173,8 @@ impl Runtime {
     async fn drive(&self, run_id: &str, lost: &AtomicBool) -> Result<Drive, AppError> {
         let services = &self.services;
         // This process's last committed state of the run saves loading it; a stale copy cannot
-        // write (see `advance_run`), and "nothing to do" is checked against the store.
+        // write (see `advance_run`), and "nothing to do" is checked against the store unless
+        // this drive committed the state itself (a later change re-queues the run).
         let mut fresh = false;
         let mut state = match services.runs.get(run_id) {
             Some(s) => s,
@@ -249,6 +250,9 @@ impl Runtime {
                         tracing::info!(stage_key = ?next.run.current_stage, "waiting for approval");
                     }
                     state = next;
+                    // Just committed by this worker: the store's state, no need to read it
+                    // back when it turns out to be idle (4 queries per drive).
+                    fresh = true;
                     in_flight = started;
                 }
                 Err(AppError::Conflict(reason)) => {
