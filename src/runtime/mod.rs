@@ -6,6 +6,7 @@ use crate::domain::run::{RunState, RunStatus, StageFailure, Step};
 use crate::domain::time;
 use crate::error::AppError;
 use crate::runner::{StageContext, StageError, StageRunner, STAGE_TIMEOUT};
+use crate::service::runs::Claimed;
 use crate::service::Services;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -91,15 +92,10 @@ impl Runtime {
             let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self
-                .services
-                .store
-                .claim_run(&self.owner, self.config.lease_seconds)
-                .await
-            {
-                Ok(Some(run_id)) => {
-                    let span = tracing::info_span!("run", run_id = %run_id, worker = index);
-                    self.drive_claimed(&run_id, &mut shutdown)
+            match self.claim().await {
+                Ok(Some(claimed)) => {
+                    let span = tracing::info_span!("run", run_id = %claimed.run_id, worker = index);
+                    self.drive_claimed(claimed, &mut shutdown)
                         .instrument(span)
                         .await;
                 }
@@ -121,8 +117,33 @@ impl Runtime {
         }
     }
 
+    /// Claim the oldest claimable run, with its next step in the same write turn when this
+    /// process has a current copy of it; after a failed combined claim (a stale copy), a plain
+    /// claim.
+    async fn claim(&self) -> Result<Option<Claimed>, AppError> {
+        let store = &self.services.store;
+        if !store.has_claimable_run().await? {
+            return Ok(None);
+        }
+        let lease = self.config.lease_seconds;
+        match self.services.claim_and_step(&self.owner, lease).await {
+            Ok(claimed) => Ok(claimed),
+            Err(e) => {
+                tracing::debug!(error = ?e, "claiming with a step failed; claiming alone");
+                Ok(store
+                    .claim_run(&self.owner, lease)
+                    .await?
+                    .map(|run_id| Claimed {
+                        run_id,
+                        stepped: None,
+                    }))
+            }
+        }
+    }
+
     /// Drive a claimed run while a heartbeat keeps the lease.
-    async fn drive_claimed(&self, run_id: &str, shutdown: &mut watch::Receiver<bool>) {
+    async fn drive_claimed(&self, claimed: Claimed, shutdown: &mut watch::Receiver<bool>) {
+        let run_id = claimed.run_id.as_str();
         let lost = Arc::new(AtomicBool::new(false));
         let (lost_tx, mut lost_rx) = watch::channel(false);
         let heartbeat = {
@@ -148,7 +169,7 @@ impl Runtime {
             })
         };
         let outcome = tokio::select! {
-            r = self.drive(run_id, &lost) => r,
+            r = self.drive(run_id, claimed.stepped, &lost) => r,
             _ = lost_rx.changed() => Ok(Drive::Release),
             _ = shutdown.changed() => Ok(Drive::Release),
         };
@@ -170,15 +191,29 @@ impl Runtime {
         }
     }
 
-    async fn drive(&self, run_id: &str, lost: &AtomicBool) -> Result<Drive, AppError> {
+    /// Drive a claimed run from `stepped` (the state its claim committed, and the attempt that
+    /// turn started) or, without it, from this process's last copy or the store.
+    async fn drive(
+        &self,
+        run_id: &str,
+        stepped: Option<(RunState, Option<(String, u32)>)>,
+        lost: &AtomicBool,
+    ) -> Result<Drive, AppError> {
         let services = &self.services;
         // This process's last committed state of the run saves loading it; a stale copy cannot
         // write (see `advance_run`), and "nothing to do" is checked against the store unless
         // this drive committed the state itself (a later change re-queues the run).
         let mut fresh = false;
-        let mut state = match services.runs.get(run_id) {
-            Some(s) => s,
-            None => {
+        // An attempt this worker has just started (its StageStarted is committed).
+        let mut in_flight: Option<(String, u32)> = None;
+        let mut state = match (stepped, services.runs.get(run_id)) {
+            (Some((s, started)), _) => {
+                fresh = true;
+                in_flight = started;
+                s
+            }
+            (None, Some(s)) => s,
+            (None, None) => {
                 fresh = true;
                 match services.store.run_state(run_id).await? {
                     Some(s) => s,
@@ -186,8 +221,6 @@ impl Runtime {
                 }
             }
         };
-        // An attempt this worker has just started (its StageStarted is committed).
-        let mut in_flight: Option<(String, u32)> = None;
         let mut conflicts = 0;
         loop {
             if lost.load(Ordering::SeqCst) {

@@ -358,8 +358,70 @@ impl Services {
             None => w.run_state(run_id).await?,
         };
         let before = state.clone();
-        let mut events = decide(&state)?;
-        let mut state = state;
+        let events = decide(&state)?;
+        let (state, started) = self.append_steps(&mut w, state, events, start_next).await?;
+        w.commit().await?;
+        self.after_run_change(&before, &state).await;
+        Ok((state, started))
+    }
+
+    /// The runtime's claim: take the lease of the oldest claimable run for `owner` and, in the
+    /// same write turn, take its next step as [`Services::advance_run`] would (one turn in the
+    /// write batch instead of two). The step is decided on this process's last committed copy of
+    /// the run; a stale copy cannot write (its events reuse a stream version: `CONFLICT`, and
+    /// the claim is rolled back with them). `None` when nothing was claimable.
+    pub async fn claim_and_step(
+        &self,
+        owner: &str,
+        lease_seconds: f64,
+    ) -> Result<Option<Claimed>, AppError> {
+        let mut w = self.store.write().await?;
+        let Some(run_id) = w.claim_oldest_run(owner, lease_seconds).await? else {
+            w.commit().await?;
+            return Ok(None);
+        };
+        let Some(state) = self.runs.get(&run_id) else {
+            // No copy here (another instance queued it): the worker loads it.
+            w.commit().await?;
+            return Ok(Some(Claimed {
+                run_id,
+                stepped: None,
+            }));
+        };
+        let before = state.clone();
+        let stepped = match self.append_steps(&mut w, state, Vec::new(), true).await {
+            Ok(stepped) => stepped,
+            Err(e) => {
+                // The copy was stale (or its step refused): the claim is rolled back with the
+                // step, and the next attempt starts from the stored run.
+                self.runs.forget(&run_id);
+                return Err(e);
+            }
+        };
+        w.commit().await?;
+        if stepped.0.run.version == before.run.version {
+            // Nothing written proves the copy current: the worker checks against the store.
+            return Ok(Some(Claimed {
+                run_id,
+                stepped: None,
+            }));
+        }
+        self.after_run_change(&before, &stepped.0).await;
+        Ok(Some(Claimed {
+            run_id,
+            stepped: Some(stepped),
+        }))
+    }
+
+    /// Append `events` (if any), then every following step that needs no stage work (start, gate,
+    /// completion) and, with `start_next`, the start of the next stage attempt.
+    async fn append_steps(
+        &self,
+        w: &mut WriteTx,
+        mut state: RunState,
+        mut events: Vec<DomainEvent>,
+        start_next: bool,
+    ) -> Result<(RunState, Option<(String, u32)>), AppError> {
         let mut started = None;
         loop {
             started = started.or_else(|| started_attempt(&events));
@@ -368,7 +430,7 @@ impl Services {
                 correlation_id: Some(state.run.correlation_id.clone()),
                 causation_id: Some(state.run.last_event_id.clone()),
             };
-            state = self.append_run(&mut w, state, &meta, events).await?;
+            state = self.append_run(w, state, &meta, events).await?;
             if started.is_some() {
                 break;
             }
@@ -382,10 +444,17 @@ impl Services {
                 _ => break,
             };
         }
-        w.commit().await?;
-        self.after_run_change(&before, &state).await;
         Ok((state, started))
     }
+}
+
+/// A run the runtime claimed with [`Services::claim_and_step`].
+#[derive(Debug)]
+pub struct Claimed {
+    pub run_id: String,
+    /// The run as the claim's turn committed it and the attempt it started, when that turn
+    /// took a step; `None` when it took none (the worker decides on the stored state).
+    pub stepped: Option<(RunState, Option<(String, u32)>)>,
 }
 
 /// The attempt a batch of events starts, if any.

@@ -2,7 +2,7 @@
 //! executed by one worker at a time, in one process or several.
 
 use super::entities::run_queue;
-use super::Store;
+use super::{Store, WriteTx};
 use crate::domain::time;
 use crate::error::AppError;
 use sea_orm::sea_query::{Condition, Expr, Order, Query};
@@ -15,49 +15,32 @@ fn claimable(now: &str) -> Condition {
 }
 
 impl Store {
-    /// Claim one runnable run for `owner` until `lease_seconds` from now: one compare-and-set
-    /// statement (`UPDATE … WHERE run_id = (oldest claimable) AND still claimable RETURNING`),
-    /// atomic on its own on both backends: it takes the oldest claimable run, and a lost race
-    /// just returns `None`.
+    /// Whether any run is claimable now: a look outside the write lock, so that a worker that
+    /// finds nothing to do does not cost a turn in the write batch. (A run queued after this look
+    /// wakes the worker, which registers for the wake-up before looking.)
+    pub async fn has_claimable_run(&self) -> Result<bool, AppError> {
+        let anything = run_queue::Entity::find()
+            .filter(claimable(&time::now()))
+            .one(self.conn())
+            .await?;
+        Ok(anything.is_some())
+    }
+
+    /// Claim one runnable run for `owner` until `lease_seconds` from now, in a write turn of its
+    /// own (see [`WriteTx::claim_oldest_run`]).
     pub async fn claim_run(
         &self,
         owner: &str,
         lease_seconds: f64,
     ) -> Result<Option<String>, AppError> {
-        let now = time::now();
-        let oldest = Query::select()
-            .column(run_queue::Column::RunId)
-            .from(run_queue::Entity)
-            .cond_where(claimable(&now))
-            .order_by(run_queue::Column::ReadyAt, Order::Asc)
-            .limit(1)
-            .to_owned();
-        let update = run_queue::Entity::update_many()
-            .col_expr(
-                run_queue::Column::LeaseOwner,
-                Expr::value(owner.to_string()),
-            )
-            .col_expr(
-                run_queue::Column::LeaseUntil,
-                Expr::value(time::after_seconds(lease_seconds)),
-            )
-            .filter(run_queue::Column::RunId.in_subquery(oldest))
-            .filter(claimable(&now));
-        // Look first, outside the write lock: most claims after a run stops at a gate find
-        // nothing, and a miss must not cost a turn in the write batch. (A run queued after this
-        // look wakes the worker, which registered for the wake-up before claiming.)
-        let anything = run_queue::Entity::find()
-            .filter(claimable(&now))
-            .one(self.conn())
-            .await?;
-        if anything.is_none() {
+        if !self.has_claimable_run().await? {
             return Ok(None);
         }
         // A writer like any other: it rides in the write batch (SQLite has one writer).
         let w = self.write().await?;
-        let claimed = update.exec_with_returning(w.tx()).await?;
+        let claimed = w.claim_oldest_run(owner, lease_seconds).await?;
         w.commit().await?;
-        Ok(claimed.into_iter().next().map(|m| m.run_id))
+        Ok(claimed)
     }
 
     /// Extend a lease; false when the lease is no longer ours (or the run left the queue).
@@ -100,5 +83,40 @@ impl Store {
             .exec(w.tx())
             .await?;
         w.commit().await
+    }
+}
+
+impl WriteTx {
+    /// Claim the oldest claimable run for `owner` until `lease_seconds` from now: one
+    /// compare-and-set statement (`UPDATE … WHERE run_id = (oldest claimable) AND still claimable
+    /// RETURNING`), atomic on its own on both backends, so two workers never get the same run; a
+    /// lost race just returns `None`. The lease is taken when this writer's batch commits.
+    pub async fn claim_oldest_run(
+        &self,
+        owner: &str,
+        lease_seconds: f64,
+    ) -> Result<Option<String>, AppError> {
+        let now = time::now();
+        let oldest = Query::select()
+            .column(run_queue::Column::RunId)
+            .from(run_queue::Entity)
+            .cond_where(claimable(&now))
+            .order_by(run_queue::Column::ReadyAt, Order::Asc)
+            .limit(1)
+            .to_owned();
+        let claimed = run_queue::Entity::update_many()
+            .col_expr(
+                run_queue::Column::LeaseOwner,
+                Expr::value(owner.to_string()),
+            )
+            .col_expr(
+                run_queue::Column::LeaseUntil,
+                Expr::value(time::after_seconds(lease_seconds)),
+            )
+            .filter(run_queue::Column::RunId.in_subquery(oldest))
+            .filter(claimable(&now))
+            .exec_with_returning(self.tx())
+            .await?;
+        Ok(claimed.into_iter().next().map(|m| m.run_id))
     }
 }
