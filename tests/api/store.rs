@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use vm_workflow::domain::events::{Actor, DomainEvent, EventMeta};
 use vm_workflow::domain::run::RunStatus;
+use vm_workflow::error::AppError;
 use vm_workflow::store::event_log::NewEvent;
 use vm_workflow::store::{EventFilter, Store};
 
@@ -178,10 +179,76 @@ async fn awkward_text_round_trips(backend: Backend) {
     );
 }
 
+/// A claim takes the run's next step in the same write turn; a claim decided on a stale copy
+/// writes nothing, not even its lease, and the next claim starts from the stored run.
+async fn a_claim_steps_or_leaves_nothing(backend: Backend) {
+    let mut opts = Options::new(backend);
+    opts.workers = 0;
+    let app = TestApp::spawn_with(opts).await;
+    let services = app.services.clone();
+    let store = services.store.clone();
+    let thread = app.thread().await;
+    let run = app.start_run_id(&thread, "content_calendar").await;
+    let queued = services.runs.get(&run).expect("the start keeps a copy");
+    let turns = |s: &Store| s.write_stats().get().0;
+
+    let before = turns(&store);
+    let claimed = services
+        .claim_and_step("worker-a", 30.0)
+        .await
+        .expect("claim")
+        .expect("a claimable run");
+    assert_eq!(claimed.run_id, run);
+    assert_eq!(turns(&store) - before, 1, "claim and step in one turn");
+    let (state, started) = claimed.stepped.expect("a step was taken");
+    assert_eq!(state.run.status, RunStatus::Running);
+    assert_eq!(started, Some(("research".to_string(), 1)));
+    assert!(!store.has_claimable_run().await.expect("look"), "leased");
+    assert_eq!(
+        app.event_types(&run).await,
+        [
+            "WorkflowRunQueued",
+            "WorkflowRunStarted",
+            "WorkflowRunStageStarted"
+        ]
+    );
+
+    // Another instance takes the lease over once it expires; this one still has the queued copy.
+    store
+        .release_lease(&run, "worker-a")
+        .await
+        .expect("release");
+    services.runs.put(&queued);
+    let head = store.head_sequence().await.expect("head");
+    let stale = services.claim_and_step("worker-b", 30.0).await;
+    assert!(
+        matches!(stale, Err(AppError::Conflict(_))),
+        "a stale copy cannot write: {stale:?}"
+    );
+    assert_eq!(store.head_sequence().await.expect("head"), head);
+    assert!(
+        store.has_claimable_run().await.expect("look"),
+        "the failed claim took no lease"
+    );
+    let again = services
+        .claim_and_step("worker-b", 30.0)
+        .await
+        .expect("claim")
+        .expect("still claimable");
+    assert_eq!(again.run_id, run);
+    assert!(again.stepped.is_none(), "no copy left: the worker loads it");
+    assert_eq!(store.head_sequence().await.expect("head"), head);
+    assert!(store
+        .renew_lease(&run, "worker-b", 30.0)
+        .await
+        .expect("renew"));
+}
+
 crate::both_backends!(
     a_failed_writer_leaves_the_rest_of_its_batch,
     concurrent_writes_share_commits,
-    awkward_text_round_trips
+    awkward_text_round_trips,
+    a_claim_steps_or_leaves_nothing
 );
 
 fn pending_stage(run: &serde_json::Value) -> Option<String> {
