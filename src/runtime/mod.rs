@@ -10,7 +10,7 @@ use crate::service::runs::Claimed;
 use crate::service::Services;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -27,6 +27,8 @@ pub struct Runtime {
     services: Arc<Services>,
     runner: Arc<dyn StageRunner>,
     config: RuntimeConfig,
+    /// This process's name in leases; each worker adds its index, so that a run whose lease
+    /// ran out is never renewed by one worker while another drives it.
     owner: String,
 }
 
@@ -85,6 +87,7 @@ impl Runtime {
 
     async fn worker(self: Arc<Self>, index: usize, mut shutdown: watch::Receiver<bool>) {
         let wake = self.services.wake.clone();
+        let owner = format!("{}-{index}", self.owner);
         loop {
             if *shutdown.borrow() {
                 return;
@@ -92,10 +95,10 @@ impl Runtime {
             let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.claim().await {
+            match self.claim(&owner).await {
                 Ok(Some(claimed)) => {
                     let span = tracing::info_span!("run", run_id = %claimed.run_id, worker = index);
-                    self.drive_claimed(claimed, &mut shutdown)
+                    self.drive_claimed(&owner, claimed, &mut shutdown)
                         .instrument(span)
                         .await;
                 }
@@ -120,50 +123,66 @@ impl Runtime {
     /// Claim the oldest claimable run, with its next step in the same write turn when this
     /// process has a current copy of it; after a failed combined claim (a stale copy), a plain
     /// claim.
-    async fn claim(&self) -> Result<Option<Claimed>, AppError> {
+    async fn claim(&self, owner: &str) -> Result<Option<Claimed>, AppError> {
         let store = &self.services.store;
         if !store.has_claimable_run().await? {
             return Ok(None);
         }
         let lease = self.config.lease_seconds;
-        match self.services.claim_and_step(&self.owner, lease).await {
+        match self.services.claim_and_step(owner, lease).await {
             Ok(claimed) => Ok(claimed),
             Err(e) => {
-                tracing::debug!(error = ?e, "claiming with a step failed; claiming alone");
-                Ok(store
-                    .claim_run(&self.owner, lease)
-                    .await?
-                    .map(|run_id| Claimed {
-                        run_id,
-                        stepped: None,
-                    }))
+                if matches!(e, AppError::Conflict(_)) {
+                    tracing::debug!(error = ?e, "the run changed meanwhile; claiming alone");
+                } else {
+                    tracing::warn!(error = ?e, "claiming with a step failed; claiming alone");
+                }
+                Ok(store.claim_run(owner, lease).await?.map(|run_id| Claimed {
+                    run_id,
+                    stepped: None,
+                }))
             }
         }
     }
 
-    /// Drive a claimed run while a heartbeat keeps the lease.
-    async fn drive_claimed(&self, claimed: Claimed, shutdown: &mut watch::Receiver<bool>) {
+    /// Drive a claimed run while a heartbeat keeps the lease. Renewals that fail for two thirds
+    /// of the lease (two in a row) count as losing it: the lease may run out before the next,
+    /// and another worker may take the run.
+    async fn drive_claimed(
+        &self,
+        owner: &str,
+        claimed: Claimed,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
         let run_id = claimed.run_id.as_str();
         let lost = Arc::new(AtomicBool::new(false));
         let (lost_tx, mut lost_rx) = watch::channel(false);
         let heartbeat = {
             let store = self.services.store.clone();
-            let owner = self.owner.clone();
+            let owner = owner.to_string();
             let run_id = run_id.to_string();
             let lease = self.config.lease_seconds;
             let lost = lost.clone();
             tokio::spawn(async move {
                 let every = Duration::from_secs_f64((lease / 3.0).max(0.05));
+                let mut renewed = Instant::now();
                 loop {
                     tokio::time::sleep(every).await;
-                    match store.renew_lease(&run_id, &owner, lease).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            lost.store(true, Ordering::SeqCst);
-                            let _ = lost_tx.send(true);
-                            return;
+                    let held = match store.renew_lease(&run_id, &owner, lease).await {
+                        Ok(true) => {
+                            renewed = Instant::now();
+                            true
                         }
-                        Err(e) => tracing::warn!(error = ?e, "lease renewal failed"),
+                        Ok(false) => false,
+                        Err(e) => {
+                            tracing::warn!(error = ?e, "lease renewal failed");
+                            renewed.elapsed().as_secs_f64() < lease * 0.6
+                        }
+                    };
+                    if !held {
+                        lost.store(true, Ordering::SeqCst);
+                        let _ = lost_tx.send(true);
+                        return;
                     }
                 }
             })
@@ -185,7 +204,7 @@ impl Runtime {
         };
         // Still queued only if runnable: give the lease back so any worker can continue.
         if release {
-            if let Err(e) = self.services.store.release_lease(run_id, &self.owner).await {
+            if let Err(e) = self.services.store.release_lease(run_id, owner).await {
                 tracing::warn!(error = ?e, "could not release lease");
             }
         }

@@ -275,6 +275,13 @@ impl Store {
             });
         let db = Database::connect(opts).await.map_err(AppError::internal)?;
         let backend = db.get_database_backend();
+        if backend == DbBackend::Sqlite && !planner_is_stable(&db).await {
+            tracing::warn!(
+                "SQLite was built without SQLITE_ENABLE_QPSG (build from the repository, where \
+                 .cargo/config.toml sets it): statements with a bound LIMIT are planned again \
+                 at every execution, which costs throughput"
+            );
+        }
         let committed = Arc::new(Notify::new());
         let feed = Arc::new(CommittedFeed {
             instance: crate::domain::ids::generate("store-"),
@@ -310,6 +317,12 @@ impl Store {
         migration::Migrator::up(&self.db, None)
             .await
             .map_err(AppError::internal)
+    }
+
+    /// On SQLite, whether the library was built with `SQLITE_ENABLE_QPSG` (statements with a
+    /// bound `LIMIT` planned once, not at every execution); always true on Postgres.
+    pub async fn planner_is_stable(&self) -> bool {
+        self.backend != DbBackend::Sqlite || planner_is_stable(&self.db).await
     }
 
     pub fn backend(&self) -> DbBackend {
@@ -398,6 +411,24 @@ impl Store {
             events: Vec::new(),
         })
     }
+}
+
+/// Whether the SQLite library was built with the query planner stability guarantee (see
+/// `.cargo/config.toml`).
+async fn planner_is_stable(db: &DatabaseConnection) -> bool {
+    let Ok(rows) = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "PRAGMA compile_options",
+        ))
+        .await
+    else {
+        return false;
+    };
+    rows.iter().any(|r| {
+        r.try_get_by_index::<String>(0)
+            .is_ok_and(|o| o == "ENABLE_QPSG")
+    })
 }
 
 /// One writer's turn: a savepoint in the write batch, holding the batch lock until it commits
