@@ -165,7 +165,46 @@ async fn cancel_abandons_an_attempt_in_flight(backend: Backend) {
     );
 }
 
+/// Each worker of a runtime leases under its own name: two runs in flight at once hold two
+/// different lease owners. (With one name per process, a worker whose lease ran out could keep
+/// renewing it after a sibling worker had claimed the run again.)
+async fn workers_lease_under_their_own_names(backend: Backend) {
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    let mut opts = Options::new(backend);
+    opts.fault_injection = Some("research=delay-1500".to_string());
+    opts.workers = 2;
+    let app = TestApp::spawn_with(opts).await;
+    let thread = app.thread().await;
+    app.start_run_id(&thread, "x").await;
+    app.start_run_id(&thread, "x").await;
+    let db = Database::connect(app.database_url.as_str())
+        .await
+        .expect("a second connection");
+    let sql = "SELECT lease_owner FROM run_queue WHERE lease_owner IS NOT NULL";
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let owners = loop {
+        let rows = db
+            .query_all_raw(Statement::from_string(db.get_database_backend(), sql))
+            .await
+            .expect("leases");
+        let owners: Vec<String> = rows
+            .iter()
+            .map(|r| r.try_get_by_index::<String>(0).expect("owner"))
+            .collect();
+        if owners.len() == 2 {
+            break owners;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both runs never in flight: {owners:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_ne!(owners[0], owners[1], "one lease name for two workers");
+}
+
 crate::both_backends!(
+    workers_lease_under_their_own_names,
     a_retryable_failure_is_retried,
     retries_stop_at_max_attempts_and_keep_completed_stages,
     a_fatal_failure_is_not_retried,
