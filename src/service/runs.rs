@@ -389,16 +389,22 @@ impl Services {
             }));
         };
         let before = state.clone();
-        let stepped = match self.append_steps(&mut w, state, Vec::new(), true).await {
+        let stepped = async {
+            let stepped = self.append_steps(&mut w, state, Vec::new(), true).await?;
+            w.commit().await?;
+            Ok(stepped)
+        }
+        .await;
+        let stepped = match stepped {
             Ok(stepped) => stepped,
             Err(e) => {
-                // The copy was stale (or its step refused): the claim is rolled back with the
-                // step, and the next attempt starts from the stored run.
+                // The copy was stale (or its step refused; on SQLite a conflict surfaces as late
+                // as the commit): the claim is rolled back with the step, and the next attempt
+                // starts from the stored run.
                 self.runs.forget(&run_id);
                 return Err(e);
             }
         };
-        w.commit().await?;
         if stepped.0.run.version == before.run.version {
             // Nothing written proves the copy current: the worker checks against the store.
             return Ok(Some(Claimed {

@@ -49,7 +49,7 @@ impl WriteTx {
             return Ok(None);
         };
         let found = idempotency_key::Entity::find_by_id((idem.mutation.to_string(), key.clone()))
-            .one(self.tx())
+            .one(self.conn().await?)
             .await?;
         match found {
             None => Ok(None),

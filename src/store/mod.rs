@@ -4,7 +4,9 @@
 //! transaction-scoped advisory lock on Postgres so several instances serialize too), each writer
 //! in a savepoint of a shared transaction that commits once for a burst of writers (group
 //! commit, see [`Batch`]). Appends number events with `MAX(sequence) + 1` inside that critical
-//! section, so the global sequence is gap-free and equals commit order on both backends.
+//! section, so the global sequence is gap-free and equals commit order on both backends. On
+//! SQLite a writer's writes are sent together, as one multi-statement execution, before its next
+//! read and before its commit (one hand-over to sqlx's SQLite thread instead of one per write).
 
 mod entities;
 pub mod event_log;
@@ -104,6 +106,7 @@ impl CommittedFeed {
 pub struct WriteStats {
     writers: AtomicU64,
     commits: AtomicU64,
+    sends: AtomicU64,
 }
 
 impl WriteStats {
@@ -113,6 +116,12 @@ impl WriteStats {
             self.writers.load(Ordering::SeqCst),
             self.commits.load(Ordering::SeqCst),
         )
+    }
+
+    /// How many times writers' writes (`WriteTx::exec`) went to the database: on SQLite each
+    /// writer's writes go together before its next read and before its commit.
+    pub fn sends(&self) -> u64 {
+        self.sends.load(Ordering::SeqCst)
     }
 }
 
@@ -409,6 +418,7 @@ impl Store {
             queued: self.queued.clone(),
             appended: 0,
             events: Vec::new(),
+            unsent: Default::default(),
         })
     }
 }
@@ -440,22 +450,92 @@ pub struct WriteTx {
     appended: usize,
     /// This writer's events, kept for the bus only while it listens.
     events: Vec<StoredEvent>,
+    /// SQLite: writes not sent yet. They go to the SQLite thread together, as one
+    /// multi-statement execution, before this writer's next read and before its commit: one
+    /// hand-over to that thread instead of one per statement.
+    unsent: std::sync::Mutex<Unsent>,
 }
 
+/// Writes of a [`WriteTx`] waiting to be sent together.
+#[derive(Default)]
+struct Unsent {
+    sql: String,
+    values: Vec<sea_orm::Value>,
+    statements: usize,
+}
+
+/// Most writes sent together (a rebuild projects thousands before its next read).
+const MAX_UNSENT: usize = 32;
+
 impl WriteTx {
-    /// This writer's savepoint transaction, for reads and writes.
-    pub(crate) fn tx(&self) -> &DatabaseTransaction {
+    fn tx(&self) -> &DatabaseTransaction {
         self.tx
             .as_ref()
             .expect("a write transaction is open until commit")
     }
 
-    /// Execute a write (insert, update, delete) built with sea-orm or sea-query. A unique-index
-    /// violation (for events: the same stream version written concurrently) is `CONFLICT`.
+    /// This writer's savepoint transaction, for reads (and for writes whose result is needed),
+    /// once its earlier writes are sent.
+    pub(crate) async fn conn(&self) -> Result<&DatabaseTransaction, AppError> {
+        self.send_unsent().await?;
+        Ok(self.tx())
+    }
+
+    /// Execute a write (insert, update, delete) built with sea-orm or sea-query. On SQLite it is
+    /// sent with this writer's other writes before its next read or its commit (an error, such
+    /// as a conflict, surfaces there, and the writer's savepoint is rolled back all the same).
+    /// A unique-index violation (for events: the same stream version written concurrently) is
+    /// `CONFLICT`.
     pub(crate) async fn exec(&self, stmt: &impl StatementBuilder) -> Result<(), AppError> {
         let backend = self.guard.as_ref().map_or(DbBackend::Sqlite, |g| g.backend);
+        let built = backend.build(stmt);
+        if backend == DbBackend::Sqlite {
+            let full = {
+                let mut unsent = crate::sync::lock(&self.unsent);
+                if !unsent.sql.is_empty() {
+                    unsent.sql.push_str(";\n");
+                }
+                unsent.sql.push_str(&built.sql);
+                if let Some(values) = built.values {
+                    unsent.values.extend(values.0);
+                }
+                unsent.statements += 1;
+                unsent.statements >= MAX_UNSENT
+            };
+            if full {
+                self.send_unsent().await?;
+            }
+            return Ok(());
+        }
+        self.execute(built).await
+    }
+
+    async fn send_unsent(&self) -> Result<(), AppError> {
+        let (sql, values) = {
+            let mut unsent = crate::sync::lock(&self.unsent);
+            if unsent.sql.is_empty() {
+                return Ok(());
+            }
+            unsent.statements = 0;
+            (
+                std::mem::take(&mut unsent.sql),
+                std::mem::take(&mut unsent.values),
+            )
+        };
+        self.execute(Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            sql,
+            values,
+        ))
+        .await
+    }
+
+    async fn execute(&self, stmt: Statement) -> Result<(), AppError> {
+        if let Some(g) = self.guard.as_ref() {
+            g.stats.sends.fetch_add(1, Ordering::SeqCst);
+        }
         self.tx()
-            .execute_raw(backend.build(stmt))
+            .execute_raw(stmt)
             .await
             .map_err(|e| match AppError::from(e) {
                 AppError::Conflict(_) => AppError::Conflict(
@@ -473,7 +553,7 @@ impl WriteTx {
         if let Some(h) = cached {
             return Ok(h);
         }
-        let h = event_log::head(self.tx()).await?;
+        let h = event_log::head(self.conn().await?).await?;
         if let Some(g) = self.guard.as_mut() {
             g.head = Some(h);
         }
@@ -501,6 +581,7 @@ impl WriteTx {
 
     /// Make this writer's changes part of the batch, and return once the batch has committed.
     pub async fn commit(mut self) -> Result<(), AppError> {
+        self.send_unsent().await?;
         let tx = self.tx.take().expect("commit once");
         let mut guard = self.guard.take().expect("commit once");
         if let Err(e) = tx.commit().await {

@@ -439,7 +439,7 @@ async fn apply_workspace(w: &WriteTx, ev: &StoredEvent) -> Result<(), AppError> 
         | DomainEvent::ThreadModeAdded { thread_id, .. }
         | DomainEvent::ThreadModeRemoved { thread_id, .. } => {
             let Some(current) = thread::Entity::find_by_id(thread_id.clone())
-                .one(w.tx())
+                .one(w.conn().await?)
                 .await?
             else {
                 return Err(AppError::internal(anyhow::anyhow!(
@@ -518,7 +518,7 @@ pub async fn project(
             body => {
                 if state.is_none() {
                     let run_id = ev.run_id.as_deref().unwrap_or_default();
-                    state = load_run_state(w.tx(), run_id).await?;
+                    state = load_run_state(w.conn().await?, run_id).await?;
                     before = state.clone();
                 }
                 let Some(s) = state.as_mut() else {
@@ -611,12 +611,12 @@ impl WriteTx {
             .select_only()
             .column(run::Column::Version)
             .into_tuple::<i64>()
-            .one(self.tx())
+            .one(self.conn().await?)
             .await?)
     }
 
     pub async fn load_run_state(&self, run_id: &str) -> Result<Option<RunState>, AppError> {
-        load_run_state(self.tx(), run_id).await
+        load_run_state(self.conn().await?, run_id).await
     }
 
     /// The run's state, or `NOT_FOUND`.

@@ -60,7 +60,7 @@ impl Store {
             )
             .filter(run_queue::Column::RunId.eq(run_id))
             .filter(run_queue::Column::LeaseOwner.eq(owner))
-            .exec(w.tx())
+            .exec(w.conn().await?)
             .await?;
         w.commit().await?;
         Ok(res.rows_affected == 1)
@@ -80,7 +80,7 @@ impl Store {
             )
             .filter(run_queue::Column::RunId.eq(run_id))
             .filter(run_queue::Column::LeaseOwner.eq(owner))
-            .exec(w.tx())
+            .exec(w.conn().await?)
             .await?;
         w.commit().await
     }
@@ -115,7 +115,7 @@ impl WriteTx {
             )
             .filter(run_queue::Column::RunId.in_subquery(oldest))
             .filter(claimable(&now))
-            .exec_with_returning(self.tx())
+            .exec_with_returning(self.conn().await?)
             .await?;
         Ok(claimed.into_iter().next().map(|m| m.run_id))
     }

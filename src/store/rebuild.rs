@@ -31,12 +31,13 @@ impl Store {
     /// Runs in one transaction: a failure leaves the previous read models in place.
     pub async fn rebuild_projections(&self) -> Result<u64, AppError> {
         let w = self.write().await?;
-        clear(w.tx()).await?;
+        clear(w.conn().await?).await?;
         let mut after = 0;
         let mut count = 0u64;
         loop {
             let events =
-                event_log::read_after(w.tx(), after, &EventFilter::default(), BATCH).await?;
+                event_log::read_after(w.conn().await?, after, &EventFilter::default(), BATCH)
+                    .await?;
             let Some(last) = events.last() else { break };
             after = last.sequence;
             count += events.len() as u64;

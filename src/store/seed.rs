@@ -227,7 +227,7 @@ impl Store {
                 histories.push(h);
             }
             let n_runs = histories.len() as u64;
-            write_histories(w.tx(), histories).await?;
+            write_histories(w.conn().await?, histories).await?;
             w.appended_up_to(head + events_in_tx as i64, events_in_tx as usize);
             w.commit().await?;
             report.runs += n_runs;

@@ -244,7 +244,62 @@ async fn a_claim_steps_or_leaves_nothing(backend: Backend) {
         .expect("renew"));
 }
 
+/// On SQLite a writer's writes go to the database together, before its next read and before its
+/// commit: one hand-over to SQLite's thread instead of one per statement. On Postgres each is
+/// sent at once. Either way a conflict among them rolls back all of the writer's changes.
+async fn a_writers_writes_go_together(backend: Backend) {
+    let mut opts = Options::new(backend);
+    opts.workers = 0;
+    let app = TestApp::spawn_with(opts).await;
+    let store = app.services.store.clone();
+    let sends = |s: &Store| s.write_stats().sends();
+
+    let before = sends(&store);
+    let mut w = store.write().await.expect("writer");
+    for id in ["w1", "w2"] {
+        w.append(&format!("brand:{id}"), 0, &meta(), brand_created(id))
+            .await
+            .expect("append");
+    }
+    let after_appends = sends(&store) - before;
+    w.run_version("no-such-run").await.expect("a read");
+    let after_read = sends(&store) - before;
+    w.append("brand:w3", 0, &meta(), brand_created("w3"))
+        .await
+        .expect("append");
+    w.commit().await.expect("commit");
+    let after_commit = sends(&store) - before;
+    if store.is_postgres() {
+        assert_eq!((after_appends, after_read, after_commit), (2, 2, 3));
+    } else {
+        assert_eq!((after_appends, after_read, after_commit), (0, 1, 2));
+    }
+
+    // The same stream version again: the conflict surfaces at the latest at commit, and
+    // nothing of this writer is kept.
+    let head = store.head_sequence().await.expect("head");
+    let mut w = store.write().await.expect("writer");
+    let result = async {
+        w.append("brand:w4", 0, &meta(), brand_created("w4"))
+            .await?;
+        w.append("brand:w1", 0, &meta(), brand_created("w1"))
+            .await?;
+        w.commit().await
+    }
+    .await;
+    assert!(
+        matches!(result, Err(AppError::Conflict(_))),
+        "a reused stream version: {result:?}"
+    );
+    assert_eq!(
+        store.head_sequence().await.expect("head"),
+        head,
+        "no event of the failed writer is kept"
+    );
+}
+
 crate::both_backends!(
+    a_writers_writes_go_together,
     a_failed_writer_leaves_the_rest_of_its_batch,
     concurrent_writes_share_commits,
     awkward_text_round_trips,
