@@ -419,6 +419,7 @@ impl Store {
             appended: 0,
             events: Vec::new(),
             unsent: Default::default(),
+            failed: AtomicBool::new(false),
         })
     }
 }
@@ -454,6 +455,8 @@ pub struct WriteTx {
     /// multi-statement execution, before this writer's next read and before its commit: one
     /// hand-over to that thread instead of one per statement.
     unsent: std::sync::Mutex<Unsent>,
+    /// A send failed: part of this writer's writes may be missing, so it can only roll back.
+    failed: AtomicBool,
 }
 
 /// Writes of a [`WriteTx`] waiting to be sent together.
@@ -490,6 +493,9 @@ impl WriteTx {
         let backend = self.guard.as_ref().map_or(DbBackend::Sqlite, |g| g.backend);
         let built = backend.build(stmt);
         if backend == DbBackend::Sqlite {
+            if self.failed.load(Ordering::SeqCst) {
+                return self.send_unsent().await;
+            }
             let full = {
                 let mut unsent = crate::sync::lock(&self.unsent);
                 if !unsent.sql.is_empty() {
@@ -511,6 +517,11 @@ impl WriteTx {
     }
 
     async fn send_unsent(&self) -> Result<(), AppError> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(AppError::internal(anyhow::anyhow!(
+                "an earlier write of this writer failed; it can only roll back"
+            )));
+        }
         let (sql, values) = {
             let mut unsent = crate::sync::lock(&self.unsent);
             if unsent.sql.is_empty() {
@@ -522,12 +533,17 @@ impl WriteTx {
                 std::mem::take(&mut unsent.values),
             )
         };
+        // Marked failed until the send returns: a send that errs or is cancelled midway may
+        // have applied only some of these writes.
+        self.failed.store(true, Ordering::SeqCst);
         self.execute(Statement::from_sql_and_values(
             DbBackend::Sqlite,
             sql,
             values,
         ))
-        .await
+        .await?;
+        self.failed.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
     async fn execute(&self, stmt: Statement) -> Result<(), AppError> {

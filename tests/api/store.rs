@@ -296,6 +296,29 @@ async fn a_writers_writes_go_together(backend: Backend) {
         head,
         "no event of the failed writer is kept"
     );
+
+    // A conflict that surfaces at a read: the writer can only roll back, even if its caller
+    // ignores the error and commits.
+    let mut w = store.write().await.expect("writer");
+    w.append("brand:w5", 0, &meta(), brand_created("w5"))
+        .await
+        .expect("append");
+    let conflict = async {
+        w.append("brand:w1", 0, &meta(), brand_created("w1"))
+            .await?;
+        w.run_version("no-such-run").await
+    }
+    .await;
+    assert!(
+        matches!(conflict, Err(AppError::Conflict(_))),
+        "the conflict surfaces at the read: {conflict:?}"
+    );
+    assert!(w.commit().await.is_err(), "a failed writer cannot commit");
+    assert_eq!(
+        store.head_sequence().await.expect("head"),
+        head,
+        "nothing of a writer whose send failed is kept"
+    );
 }
 
 crate::both_backends!(
