@@ -137,10 +137,7 @@ impl Runtime {
                 } else {
                     tracing::warn!(error = ?e, "claiming with a step failed; claiming alone");
                 }
-                Ok(store.claim_run(owner, lease).await?.map(|run_id| Claimed {
-                    run_id,
-                    stepped: None,
-                }))
+                Ok(store.claim_run(owner, lease).await?.map(Claimed::alone))
             }
         }
     }

@@ -383,10 +383,7 @@ impl Services {
         let Some(state) = self.runs.get(&run_id) else {
             // No copy here (another instance queued it): the worker loads it.
             w.commit().await?;
-            return Ok(Some(Claimed {
-                run_id,
-                stepped: None,
-            }));
+            return Ok(Some(Claimed::alone(run_id)));
         };
         let before = state.clone();
         let stepped = async {
@@ -407,10 +404,7 @@ impl Services {
         };
         if stepped.0.run.version == before.run.version {
             // Nothing written proves the copy current: the worker checks against the store.
-            return Ok(Some(Claimed {
-                run_id,
-                stepped: None,
-            }));
+            return Ok(Some(Claimed::alone(run_id)));
         }
         self.after_run_change(&before, &stepped.0).await;
         Ok(Some(Claimed {
@@ -461,6 +455,16 @@ pub struct Claimed {
     /// The run as the claim's turn committed it and the attempt it started, when that turn
     /// took a step; `None` when it took none (the worker decides on the stored state).
     pub stepped: Option<(RunState, Option<(String, u32)>)>,
+}
+
+impl Claimed {
+    /// A claim that took no step.
+    pub fn alone(run_id: String) -> Self {
+        Claimed {
+            run_id,
+            stepped: None,
+        }
+    }
 }
 
 /// The attempt a batch of events starts, if any.

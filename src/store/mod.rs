@@ -264,6 +264,8 @@ pub struct Store {
     committed: Arc<Notify>,
     feed: Arc<CommittedFeed>,
     stats: Arc<WriteStats>,
+    /// See [`Store::planner_is_stable`] (read once, at connect).
+    planner_stable: bool,
 }
 
 impl Store {
@@ -284,7 +286,8 @@ impl Store {
             });
         let db = Database::connect(opts).await.map_err(AppError::internal)?;
         let backend = db.get_database_backend();
-        if backend == DbBackend::Sqlite && !planner_is_stable(&db).await {
+        let planner_stable = backend != DbBackend::Sqlite || planner_is_stable(&db).await;
+        if !planner_stable {
             tracing::warn!(
                 "SQLite was built without SQLITE_ENABLE_QPSG (build from the repository, where \
                  .cargo/config.toml sets it): statements with a bound LIMIT are planned again \
@@ -318,6 +321,7 @@ impl Store {
             committed,
             feed,
             stats,
+            planner_stable,
         })
     }
 
@@ -330,8 +334,8 @@ impl Store {
 
     /// On SQLite, whether the library was built with `SQLITE_ENABLE_QPSG` (statements with a
     /// bound `LIMIT` planned once, not at every execution); always true on Postgres.
-    pub async fn planner_is_stable(&self) -> bool {
-        self.backend != DbBackend::Sqlite || planner_is_stable(&self.db).await
+    pub fn planner_is_stable(&self) -> bool {
+        self.planner_stable
     }
 
     pub fn backend(&self) -> DbBackend {
@@ -493,9 +497,7 @@ impl WriteTx {
         let backend = self.guard.as_ref().map_or(DbBackend::Sqlite, |g| g.backend);
         let built = backend.build(stmt);
         if backend == DbBackend::Sqlite {
-            if self.failed.load(Ordering::SeqCst) {
-                return self.send_unsent().await;
-            }
+            self.usable()?;
             let full = {
                 let mut unsent = crate::sync::lock(&self.unsent);
                 if !unsent.sql.is_empty() {
@@ -516,12 +518,18 @@ impl WriteTx {
         self.execute(built).await
     }
 
-    async fn send_unsent(&self) -> Result<(), AppError> {
+    /// An error once a send failed: this writer can only roll back.
+    fn usable(&self) -> Result<(), AppError> {
         if self.failed.load(Ordering::SeqCst) {
             return Err(AppError::internal(anyhow::anyhow!(
                 "an earlier write of this writer failed; it can only roll back"
             )));
         }
+        Ok(())
+    }
+
+    async fn send_unsent(&self) -> Result<(), AppError> {
+        self.usable()?;
         let (sql, values) = {
             let mut unsent = crate::sync::lock(&self.unsent);
             if unsent.sql.is_empty() {

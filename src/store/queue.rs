@@ -27,15 +27,12 @@ impl Store {
     }
 
     /// Claim one runnable run for `owner` until `lease_seconds` from now, in a write turn of its
-    /// own (see [`WriteTx::claim_oldest_run`]).
+    /// own (see [`WriteTx::claim_oldest_run`]); callers look first ([`Store::has_claimable_run`]).
     pub async fn claim_run(
         &self,
         owner: &str,
         lease_seconds: f64,
     ) -> Result<Option<String>, AppError> {
-        if !self.has_claimable_run().await? {
-            return Ok(None);
-        }
         // A writer like any other: it rides in the write batch (SQLite has one writer).
         let w = self.write().await?;
         let claimed = w.claim_oldest_run(owner, lease_seconds).await?;

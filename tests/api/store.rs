@@ -7,6 +7,8 @@ use std::time::Duration;
 use vm_workflow::domain::events::{Actor, DomainEvent, EventMeta};
 use vm_workflow::domain::run::RunStatus;
 use vm_workflow::error::AppError;
+use vm_workflow::service::runs::Claimed;
+use vm_workflow::service::Services;
 use vm_workflow::store::event_log::NewEvent;
 use vm_workflow::store::{EventFilter, Store};
 
@@ -179,6 +181,15 @@ async fn awkward_text_round_trips(backend: Backend) {
     );
 }
 
+/// `owner` claims the oldest claimable run (there must be one), with its next step if it can.
+async fn claim(services: &Services, owner: &str) -> Claimed {
+    services
+        .claim_and_step(owner, 30.0)
+        .await
+        .expect("claim")
+        .expect("a claimable run")
+}
+
 /// A claim takes the run's next step in the same write turn; a claim decided on a stale copy
 /// writes nothing, not even its lease, and the next claim starts from the stored run.
 async fn a_claim_steps_or_leaves_nothing(backend: Backend) {
@@ -193,11 +204,7 @@ async fn a_claim_steps_or_leaves_nothing(backend: Backend) {
     let turns = |s: &Store| s.write_stats().get().0;
 
     let before = turns(&store);
-    let claimed = services
-        .claim_and_step("worker-a", 30.0)
-        .await
-        .expect("claim")
-        .expect("a claimable run");
+    let claimed = claim(&services, "worker-a").await;
     assert_eq!(claimed.run_id, run);
     assert_eq!(turns(&store) - before, 1, "claim and step in one turn");
     let (state, started) = claimed.stepped.expect("a step was taken");
@@ -230,11 +237,7 @@ async fn a_claim_steps_or_leaves_nothing(backend: Backend) {
         store.has_claimable_run().await.expect("look"),
         "the failed claim took no lease"
     );
-    let again = services
-        .claim_and_step("worker-b", 30.0)
-        .await
-        .expect("claim")
-        .expect("still claimable");
+    let again = claim(&services, "worker-b").await;
     assert_eq!(again.run_id, run);
     assert!(again.stepped.is_none(), "no copy left: the worker loads it");
     assert_eq!(store.head_sequence().await.expect("head"), head);
@@ -391,5 +394,5 @@ async fn sqlite_is_built_with_a_stable_query_planner() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("q.db").display());
     let store = Store::connect(&url, 1).await.expect("sqlite");
-    assert!(store.planner_is_stable().await, "built without ENABLE_QPSG");
+    assert!(store.planner_is_stable(), "built without ENABLE_QPSG");
 }
