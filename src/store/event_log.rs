@@ -5,10 +5,10 @@ use super::{EventFilter, WriteTx};
 use crate::domain::events::{Actor, DomainEvent, EventMeta, StoredEvent};
 use crate::domain::{ids, time};
 use crate::error::AppError;
-use sea_orm::sea_query::{Expr, Func};
+use sea_orm::sea_query::{Expr, Func, Query};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
-    Set,
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QueryResult,
+    QuerySelect, QueryTrait, Set, Statement,
 };
 
 /// An event to append, with the ids it is indexed by.
@@ -127,16 +127,27 @@ pub async fn read_stream(
 
 /// The highest committed sequence (0 for an empty log).
 pub async fn head(conn: &impl ConnectionTrait) -> Result<i64, AppError> {
-    let last: Option<Option<i64>> = event::Entity::find()
-        .select_only()
-        .column_as(
-            Expr::from(Func::max(Expr::col(event::Column::Sequence))),
-            "max_seq",
-        )
-        .into_tuple()
-        .one(conn)
+    let row = conn
+        .query_one_raw(head_read(conn.get_database_backend()))
         .await?;
-    Ok(last.flatten().unwrap_or(0))
+    head_of(row.as_ref())
+}
+
+/// The read of the log's highest sequence (see [`head_of`]).
+pub(crate) fn head_read(backend: DbBackend) -> Statement {
+    backend.build(
+        Query::select()
+            .expr(Func::max(Expr::col(event::Column::Sequence)))
+            .from(event::Entity),
+    )
+}
+
+/// The answer of [`head_read`]: 0 for an empty log.
+pub(crate) fn head_of(row: Option<&QueryResult>) -> Result<i64, AppError> {
+    let max = row
+        .map(|r| r.try_get_by_index::<Option<i64>>(0))
+        .transpose()?;
+    Ok(max.flatten().unwrap_or(0))
 }
 
 /// The row of a stored event (its body already split into type and payload).

@@ -4,7 +4,7 @@ use super::entities::idempotency_key;
 use super::WriteTx;
 use crate::domain::time;
 use crate::error::AppError;
-use sea_orm::{EntityTrait, QueryTrait, Set};
+use sea_orm::{EntityTrait, FromQueryResult, QueryTrait, Set};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -48,9 +48,12 @@ impl WriteTx {
         let Some(key) = &idem.key else {
             return Ok(None);
         };
-        let found = idempotency_key::Entity::find_by_id((idem.mutation.to_string(), key.clone()))
-            .one(self.conn().await?)
-            .await?;
+        let read = idempotency_key::Entity::find_by_id((idem.mutation.to_string(), key.clone()))
+            .build(self.backend());
+        let found = match self.query(read).await?.first() {
+            Some(row) => Some(idempotency_key::Model::from_query_result(row, "")?),
+            None => None,
+        };
         match found {
             None => Ok(None),
             Some(row) if row.request_hash == idem.request_hash => {

@@ -23,7 +23,7 @@ use crate::error::AppError;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    DbErr, SqlErr, Statement, StatementBuilder, TransactionTrait,
+    DbErr, QueryResult, SqlErr, Statement, StatementBuilder, TransactionTrait,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -74,6 +74,9 @@ struct Batch {
     waiting_since: Option<Instant>,
     /// The events of `waiters`' savepoints, for the bus once `tx` commits.
     events: Vec<StoredEvent>,
+    /// A writer left without committing after its savepoint was opened: the next user of `tx`
+    /// rolls back to it first (see [`Batch::settle`]).
+    rollback_pending: bool,
     feed: Arc<CommittedFeed>,
     committed: Arc<Notify>,
     stats: Arc<WriteStats>,
@@ -155,9 +158,26 @@ fn env_number(name: &str) -> Option<f64> {
     std::env::var(name).ok()?.trim().parse().ok()
 }
 
+/// Every writer's savepoint has this name: writers take turns, one savepoint at a time.
+const SAVEPOINT: &str = "SAVEPOINT vm_writer";
+const RELEASE: &str = "RELEASE SAVEPOINT vm_writer";
+const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT vm_writer; RELEASE SAVEPOINT vm_writer";
+
 impl Batch {
+    /// Roll back to the savepoint of a writer that left without committing (if one did).
+    async fn settle(&mut self) -> Result<(), DbErr> {
+        if self.rollback_pending {
+            if let Some(tx) = self.tx.as_ref() {
+                tx.execute_unprepared(ROLLBACK_TO).await?;
+            }
+            self.rollback_pending = false;
+        }
+        Ok(())
+    }
+
     /// Commit the open transaction (if any) and tell every waiting writer how it went.
     async fn flush(&mut self) -> Result<(), AppError> {
+        let rollback = std::mem::take(&mut self.rollback_pending);
         let Some(tx) = self.tx.take() else {
             return Ok(());
         };
@@ -168,6 +188,9 @@ impl Batch {
         let waiters = std::mem::take(&mut self.waiters);
         let events = std::mem::take(&mut self.events);
         let result = async {
+            if rollback {
+                tx.execute_unprepared(ROLLBACK_TO).await?;
+            }
             if appended > 0 && self.backend == DbBackend::Postgres {
                 tx.execute_raw(Statement::from_string(
                     DbBackend::Postgres,
@@ -313,6 +336,7 @@ impl Store {
                 writers: 0,
                 waiting_since: None,
                 events: Vec::new(),
+                rollback_pending: false,
                 feed: feed.clone(),
                 committed: committed.clone(),
                 stats: stats.clone(),
@@ -389,6 +413,7 @@ impl Store {
     }
 
     /// Begin a serialized write: a savepoint in the open write batch (opened here if none is).
+    /// On SQLite the savepoint is opened with the writer's first send (see [`WriteTx`]).
     pub async fn write(&self) -> Result<WriteTx, AppError> {
         let queued = Queued::new(self);
         let mut guard = self.batch.clone().lock_owned().await;
@@ -404,25 +429,30 @@ impl Store {
             }
             guard.tx = Some(tx);
         }
-        let savepoint = match guard.tx.as_ref().map(|tx| tx.begin()) {
-            Some(begin) => begin.await,
-            None => unreachable!("the batch transaction was just opened"),
-        };
-        let savepoint = match savepoint {
-            Ok(sp) => sp,
-            Err(e) => {
-                // The batch is unusable: settle it for the writers already in it.
-                let _ = guard.flush().await;
-                return Err(e.into());
+        let opened = async {
+            guard.settle().await?;
+            if self.is_postgres() {
+                if let Some(tx) = guard.tx.as_ref() {
+                    tx.execute_unprepared(SAVEPOINT).await?;
+                }
+                guard.stats.sends.fetch_add(1, Ordering::SeqCst);
             }
-        };
+            Ok::<_, DbErr>(())
+        }
+        .await;
+        if let Err(e) = opened {
+            // The batch is unusable: settle it for the writers already in it.
+            let _ = guard.flush().await;
+            return Err(e.into());
+        }
         Ok(WriteTx {
-            tx: Some(savepoint),
+            backend: self.backend,
             guard: Some(guard),
             queued: self.queued.clone(),
             appended: 0,
             events: Vec::new(),
             unsent: Default::default(),
+            opened: AtomicBool::new(self.is_postgres()),
             failed: AtomicBool::new(false),
         })
     }
@@ -448,17 +478,23 @@ async fn planner_is_stable(db: &DatabaseConnection) -> bool {
 
 /// One writer's turn: a savepoint in the write batch, holding the batch lock until it commits
 /// or drops (a drop rolls back to the savepoint and leaves the rest of the batch intact).
+///
+/// On SQLite every statement is a hand-over to sqlx's SQLite thread and back, under the lock, so
+/// a writer's statements go together: its writes wait (see [`WriteTx::exec`]) and are sent as one
+/// multi-statement execution with its next read ([`WriteTx::query`]) or with its commit, and its
+/// savepoint is opened by its first send and released by its last. A writer that only writes is
+/// one hand-over: `SAVEPOINT; writes…; RELEASE`.
 pub struct WriteTx {
-    tx: Option<DatabaseTransaction>,
+    backend: DbBackend,
     guard: Option<OwnedMutexGuard<Batch>>,
     queued: Arc<AtomicUsize>,
     appended: usize,
     /// This writer's events, kept for the bus only while it listens.
     events: Vec<StoredEvent>,
-    /// SQLite: writes not sent yet. They go to the SQLite thread together, as one
-    /// multi-statement execution, before this writer's next read and before its commit: one
-    /// hand-over to that thread instead of one per statement.
+    /// SQLite: writes not sent yet.
     unsent: std::sync::Mutex<Unsent>,
+    /// Whether this writer's savepoint may exist: its `SAVEPOINT` was sent (Postgres: at once).
+    opened: AtomicBool,
     /// A send failed: part of this writer's writes may be missing, so it can only roll back.
     failed: AtomicBool,
 }
@@ -471,51 +507,102 @@ struct Unsent {
     statements: usize,
 }
 
+impl Unsent {
+    fn push(&mut self, sql: &str, values: Option<sea_orm::Values>) {
+        if !self.sql.is_empty() {
+            self.sql.push_str(";\n");
+        }
+        self.sql.push_str(sql);
+        if let Some(values) = values {
+            self.values.extend(values.0);
+        }
+        self.statements += 1;
+    }
+}
+
 /// Most writes sent together (a rebuild projects thousands before its next read).
 const MAX_UNSENT: usize = 32;
 
+/// A unique-index violation among a writer's statements: the data it decided on changed.
+fn conflict_or(e: DbErr) -> AppError {
+    match AppError::from(e) {
+        AppError::Conflict(_) => AppError::Conflict(
+            "the data changed concurrently (a record with this identity already exists); retry"
+                .into(),
+        ),
+        other => other,
+    }
+}
+
 impl WriteTx {
-    fn tx(&self) -> &DatabaseTransaction {
-        self.tx
+    /// The batch transaction this writer's savepoint lives in.
+    fn batch_tx(&self) -> &DatabaseTransaction {
+        self.guard
             .as_ref()
-            .expect("a write transaction is open until commit")
+            .and_then(|g| g.tx.as_ref())
+            .expect("a writer's batch transaction is open until it commits")
     }
 
-    /// This writer's savepoint transaction, for reads (and for writes whose result is needed),
-    /// once its earlier writes are sent.
+    pub(crate) fn backend(&self) -> DbBackend {
+        self.backend
+    }
+
+    /// Count one hand-over of this writer's statements to the database.
+    fn count_send(&self) {
+        if let Some(g) = self.guard.as_ref() {
+            g.stats.sends.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The transaction, for reads built with sea-orm (and for writes whose result is needed),
+    /// once this writer's earlier writes are sent. Reads on the hot path use
+    /// [`WriteTx::query`], which carries the unsent writes along instead.
     pub(crate) async fn conn(&self) -> Result<&DatabaseTransaction, AppError> {
-        self.send_unsent().await?;
-        Ok(self.tx())
+        self.send(None, true).await?;
+        self.count_send();
+        Ok(self.batch_tx())
+    }
+
+    /// Run a read (or a write with `RETURNING`) and return its rows. On SQLite it goes to the
+    /// database in one execution with this writer's unsent writes (and its savepoint, if this
+    /// is the writer's first send).
+    pub(crate) async fn query(&self, stmt: Statement) -> Result<Vec<QueryResult>, AppError> {
+        if self.backend == DbBackend::Sqlite {
+            return self.send(Some(stmt), true).await;
+        }
+        self.usable()?;
+        self.count_send();
+        self.batch_tx()
+            .query_all_raw(stmt)
+            .await
+            .map_err(conflict_or)
     }
 
     /// Execute a write (insert, update, delete) built with sea-orm or sea-query. On SQLite it is
-    /// sent with this writer's other writes before its next read or its commit (an error, such
+    /// sent with this writer's other writes, with its next read or its commit (an error, such
     /// as a conflict, surfaces there, and the writer's savepoint is rolled back all the same).
     /// A unique-index violation (for events: the same stream version written concurrently) is
     /// `CONFLICT`.
     pub(crate) async fn exec(&self, stmt: &impl StatementBuilder) -> Result<(), AppError> {
-        let backend = self.guard.as_ref().map_or(DbBackend::Sqlite, |g| g.backend);
-        let built = backend.build(stmt);
-        if backend == DbBackend::Sqlite {
-            self.usable()?;
+        self.usable()?;
+        let built = self.backend.build(stmt);
+        if self.backend == DbBackend::Sqlite {
             let full = {
                 let mut unsent = crate::sync::lock(&self.unsent);
-                if !unsent.sql.is_empty() {
-                    unsent.sql.push_str(";\n");
-                }
-                unsent.sql.push_str(&built.sql);
-                if let Some(values) = built.values {
-                    unsent.values.extend(values.0);
-                }
-                unsent.statements += 1;
+                unsent.push(&built.sql, built.values);
                 unsent.statements >= MAX_UNSENT
             };
             if full {
-                self.send_unsent().await?;
+                self.send(None, false).await?;
             }
             return Ok(());
         }
-        self.execute(built).await
+        self.count_send();
+        self.batch_tx()
+            .execute_raw(built)
+            .await
+            .map_err(conflict_or)?;
+        Ok(())
     }
 
     /// An error once a send failed: this writer can only roll back.
@@ -528,47 +615,54 @@ impl WriteTx {
         Ok(())
     }
 
-    async fn send_unsent(&self) -> Result<(), AppError> {
+    /// SQLite: send the unsent writes, followed by `then` if given, in one execution (opening
+    /// the savepoint first if it is not yet); `then`'s rows. Nothing to send: no hand-over,
+    /// unless `open` asks for the savepoint to be opened all the same (before statements run
+    /// outside this writer's sends).
+    async fn send(
+        &self,
+        then: Option<Statement>,
+        open: bool,
+    ) -> Result<Vec<QueryResult>, AppError> {
         self.usable()?;
-        let (sql, values) = {
+        if self.backend != DbBackend::Sqlite {
+            return Ok(Vec::new());
+        }
+        let mut batch = {
             let mut unsent = crate::sync::lock(&self.unsent);
-            if unsent.sql.is_empty() {
-                return Ok(());
-            }
-            unsent.statements = 0;
-            (
-                std::mem::take(&mut unsent.sql),
-                std::mem::take(&mut unsent.values),
-            )
+            std::mem::take(&mut *unsent)
         };
+        if let Some(then) = then {
+            batch.push(&then.sql, then.values);
+        }
+        let opened = self.opened.load(Ordering::SeqCst);
+        if batch.sql.is_empty() && (opened || !open) {
+            return Ok(Vec::new());
+        }
+        if !opened {
+            self.opened.store(true, Ordering::SeqCst);
+            let rest = std::mem::take(&mut batch.sql);
+            batch.sql = SAVEPOINT.to_string();
+            if !rest.is_empty() {
+                batch.sql.push_str(";\n");
+                batch.sql.push_str(&rest);
+            }
+        }
         // Marked failed until the send returns: a send that errs or is cancelled midway may
         // have applied only some of these writes.
         self.failed.store(true, Ordering::SeqCst);
-        self.execute(Statement::from_sql_and_values(
-            DbBackend::Sqlite,
-            sql,
-            values,
-        ))
-        .await?;
-        self.failed.store(false, Ordering::SeqCst);
-        Ok(())
-    }
-
-    async fn execute(&self, stmt: Statement) -> Result<(), AppError> {
-        if let Some(g) = self.guard.as_ref() {
-            g.stats.sends.fetch_add(1, Ordering::SeqCst);
-        }
-        self.tx()
-            .execute_raw(stmt)
+        self.count_send();
+        let rows = self
+            .batch_tx()
+            .query_all_raw(Statement::from_sql_and_values(
+                DbBackend::Sqlite,
+                batch.sql,
+                batch.values,
+            ))
             .await
-            .map_err(|e| match AppError::from(e) {
-                AppError::Conflict(_) => AppError::Conflict(
-                    "the data changed concurrently (a record with this identity already exists); retry"
-                        .into(),
-                ),
-                other => other,
-            })?;
-        Ok(())
+            .map_err(conflict_or)?;
+        self.failed.store(false, Ordering::SeqCst);
+        Ok(rows)
     }
 
     /// The log's highest sequence as this transaction sees it.
@@ -577,7 +671,8 @@ impl WriteTx {
         if let Some(h) = cached {
             return Ok(h);
         }
-        let h = event_log::head(self.conn().await?).await?;
+        let rows = self.query(event_log::head_read(self.backend)).await?;
+        let h = event_log::head_of(rows.first())?;
         if let Some(g) = self.guard.as_mut() {
             g.head = Some(h);
         }
@@ -604,19 +699,22 @@ impl WriteTx {
     }
 
     /// Make this writer's changes part of the batch, and return once the batch has committed.
+    /// On SQLite the unsent writes and the savepoint's release go in one send. An error leaves
+    /// the writer to its drop, which rolls its savepoint back.
     pub async fn commit(mut self) -> Result<(), AppError> {
-        self.send_unsent().await?;
-        let tx = self.tx.take().expect("commit once");
-        let mut guard = self.guard.take().expect("commit once");
-        if let Err(e) = tx.commit().await {
-            guard.head = None;
-            if guard.waiters.is_empty() {
-                // Nothing else rides on this transaction: start over next time.
-                guard.tx = None;
+        self.usable()?;
+        let release = Statement::from_string(self.backend, RELEASE);
+        if self.backend == DbBackend::Sqlite {
+            let nothing = crate::sync::lock(&self.unsent).sql.is_empty();
+            if !nothing || self.opened.load(Ordering::SeqCst) {
+                self.send(Some(release), false).await?;
             }
-            self.guard = Some(guard);
-            return Err(e.into());
+        } else {
+            self.count_send();
+            self.batch_tx().execute_raw(release).await?;
         }
+        self.opened.store(false, Ordering::SeqCst);
+        let mut guard = self.guard.take().expect("commit once");
         guard.appended += self.appended;
         guard.events.append(&mut self.events);
         guard.writers += 1;
@@ -643,14 +741,16 @@ impl WriteTx {
 
 impl Drop for WriteTx {
     fn drop(&mut self) {
-        // Roll back this writer's savepoint first (queued on the connection, in order).
-        drop(self.tx.take());
         let Some(mut guard) = self.guard.take() else {
             return;
         };
         // Read the head again after a rollback: a cached one may be what failed (another
         // process appending to the same SQLite file, say).
         guard.head = None;
+        if self.opened.load(Ordering::SeqCst) {
+            // Rolled back by whoever uses the batch next (a writer, or its commit).
+            guard.rollback_pending = true;
+        }
         if self.queued.load(Ordering::SeqCst) > 0 {
             // The next writer in line carries on in the batch and settles it.
             return;
@@ -658,11 +758,11 @@ impl Drop for WriteTx {
         if guard.waiters.is_empty() {
             // Nothing of anyone's is in the batch: roll it back rather than leave it open.
             drop(guard.tx.take());
+            guard.rollback_pending = false;
             guard.appended = 0;
             guard.events.clear();
             guard.writers = 0;
             guard.waiting_since = None;
-            guard.head = None;
             return;
         }
         // Writers wait on this batch and nobody else is coming: commit it for them.

@@ -607,12 +607,15 @@ impl WriteTx {
 
     /// The stored stream version of a run (None if there is no such run).
     pub async fn run_version(&self, run_id: &str) -> Result<Option<i64>, AppError> {
-        Ok(run::Entity::find_by_id(run_id.to_string())
+        let read = run::Entity::find_by_id(run_id.to_string())
             .select_only()
             .column(run::Column::Version)
-            .into_tuple::<i64>()
-            .one(self.conn().await?)
-            .await?)
+            .build(self.backend());
+        let rows = self.query(read).await?;
+        Ok(rows
+            .first()
+            .map(|r| r.try_get_by_index::<i64>(0))
+            .transpose()?)
     }
 
     pub async fn load_run_state(&self, run_id: &str) -> Result<Option<RunState>, AppError> {

@@ -6,7 +6,7 @@ use super::{Store, WriteTx};
 use crate::domain::time;
 use crate::error::AppError;
 use sea_orm::sea_query::{Condition, Expr, Order, Query};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryTrait};
 
 fn claimable(now: &str) -> Condition {
     Condition::any()
@@ -101,7 +101,7 @@ impl WriteTx {
             .order_by(run_queue::Column::ReadyAt, Order::Asc)
             .limit(1)
             .to_owned();
-        let claimed = run_queue::Entity::update_many()
+        let claim = run_queue::Entity::update_many()
             .col_expr(
                 run_queue::Column::LeaseOwner,
                 Expr::value(owner.to_string()),
@@ -112,8 +112,13 @@ impl WriteTx {
             )
             .filter(run_queue::Column::RunId.in_subquery(oldest))
             .filter(claimable(&now))
-            .exec_with_returning(self.conn().await?)
-            .await?;
-        Ok(claimed.into_iter().next().map(|m| m.run_id))
+            .into_query()
+            .returning_col(run_queue::Column::RunId)
+            .to_owned();
+        let claimed = self.query(self.backend().build(&claim)).await?;
+        Ok(claimed
+            .first()
+            .map(|r| r.try_get_by_index::<String>(0))
+            .transpose()?)
     }
 }

@@ -181,6 +181,48 @@ async fn awkward_text_round_trips(backend: Backend) {
     );
 }
 
+/// The last writer of a batch fails after its statements reached the database: its savepoint is
+/// rolled back when the batch commits for the writers that wait on it, and theirs are kept.
+async fn a_failed_last_writer_still_commits_the_batch(backend: Backend) {
+    let mut opts = Options::new(backend);
+    opts.workers = 0;
+    let app = TestApp::spawn_with(opts).await;
+    let store = app.services.store.clone();
+    let head = store.head_sequence().await.expect("head");
+
+    let mut a = store.write().await.expect("writer a");
+    a.append("brand:la", 0, &meta(), brand_created("la"))
+        .await
+        .expect("a appends");
+    let b = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut w = store.write().await.expect("writer b");
+            w.append("brand:lb", 0, &meta(), brand_created("lb"))
+                .await?;
+            // Sent now (a read goes with the writes), then refused: version 0 of brand:la exists.
+            w.run_version("no-such-run").await?;
+            w.append("brand:la", 0, &meta(), brand_created("la"))
+                .await?;
+            w.commit().await
+        })
+    };
+    until_queued(&store, 1).await;
+    // b is queued: a leaves the batch open for b and waits for its commit.
+    a.commit().await.expect("a commits once b gave up");
+    let b = b.await.expect("b joins");
+    assert!(
+        matches!(b, Err(AppError::Conflict(_))),
+        "b must fail with a conflict: {b:?}"
+    );
+    let events = store
+        .read_events(head, &EventFilter::default(), 100)
+        .await
+        .expect("read");
+    let got: Vec<&str> = events.iter().map(|e| e.stream_id.as_str()).collect();
+    assert_eq!(got, ["brand:la"], "a's event kept, none of b's");
+}
+
 /// `owner` claims the oldest claimable run (there must be one), with its next step if it can.
 async fn claim(services: &Services, owner: &str) -> Claimed {
     services
@@ -247,9 +289,11 @@ async fn a_claim_steps_or_leaves_nothing(backend: Backend) {
         .expect("renew"));
 }
 
-/// On SQLite a writer's writes go to the database together, before its next read and before its
-/// commit: one hand-over to SQLite's thread instead of one per statement. On Postgres each is
-/// sent at once. Either way a conflict among them rolls back all of the writer's changes.
+/// On SQLite a writer's statements go to the database together: its writes wait for its next
+/// read or its commit and go with it, and its savepoint is opened by its first send and released
+/// by its last, so a writer that only writes is one hand-over to SQLite's thread. On Postgres
+/// each statement is sent at once. Either way a conflict among them rolls back all of the
+/// writer's changes.
 async fn a_writers_writes_go_together(backend: Backend) {
     let mut opts = Options::new(backend);
     opts.workers = 0;
@@ -257,6 +301,22 @@ async fn a_writers_writes_go_together(backend: Backend) {
     let store = app.services.store.clone();
     let sends = |s: &Store| s.write_stats().sends();
 
+    // A writer that only writes (the log's head is read with its first send).
+    let before = sends(&store);
+    let mut w = store.write().await.expect("writer");
+    w.append("brand:w0", 0, &meta(), brand_created("w0"))
+        .await
+        .expect("append");
+    w.commit().await.expect("commit");
+    if store.is_postgres() {
+        // SAVEPOINT, the head, the event, RELEASE.
+        assert_eq!(sends(&store) - before, 4);
+    } else {
+        // SAVEPOINT with the head; the event and RELEASE together.
+        assert_eq!(sends(&store) - before, 2);
+    }
+
+    // The head is known now on SQLite (this process is the only writer).
     let before = sends(&store);
     let mut w = store.write().await.expect("writer");
     for id in ["w1", "w2"] {
@@ -273,7 +333,7 @@ async fn a_writers_writes_go_together(backend: Backend) {
     w.commit().await.expect("commit");
     let after_commit = sends(&store) - before;
     if store.is_postgres() {
-        assert_eq!((after_appends, after_read, after_commit), (2, 2, 3));
+        assert_eq!((after_appends, after_read, after_commit), (4, 5, 7));
     } else {
         assert_eq!((after_appends, after_read, after_commit), (0, 1, 2));
     }
@@ -326,6 +386,7 @@ async fn a_writers_writes_go_together(backend: Backend) {
 
 crate::both_backends!(
     a_writers_writes_go_together,
+    a_failed_last_writer_still_commits_the_batch,
     a_failed_writer_leaves_the_rest_of_its_batch,
     concurrent_writes_share_commits,
     awkward_text_round_trips,
