@@ -5,7 +5,7 @@ use super::{Caller, Services};
 use crate::domain::events::{Actor, DomainEvent, EventMeta};
 use crate::domain::ids;
 use crate::domain::profiles::{PlanSnapshot, SkillOverrides};
-use crate::domain::run::{RunState, StageStatus, Step};
+use crate::domain::run::{RunState, RunStatus, Step};
 use crate::domain::workspace;
 use crate::error::AppError;
 use crate::store::event_log::NewEvent;
@@ -83,16 +83,17 @@ impl Services {
         after.ok_or_else(|| AppError::internal(anyhow::anyhow!("projection lost the run")))
     }
 
-    /// After a commit: keep run.json current and wake the workers if the run is runnable.
+    /// After a commit: write run.json where the run comes to rest, and wake the workers if the
+    /// run is runnable.
+    ///
+    /// run.json is written when the run is queued (with plan.json), waits for approval, or ends,
+    /// as the original system did; not when it starts running again, a state it passes through
+    /// on its way to the next rest. Each write replaces the file (temporary file and rename), and
+    /// on a file system without a journal every replaced file makes later file creations
+    /// slower for a minute (BENCHMARKS.md), so half the replacements cost measurably.
     async fn after_run_change(&self, before: &RunState, after: &RunState) {
         self.runs.put(after);
-        let completed = |s: &RunState| {
-            s.stages
-                .iter()
-                .filter(|s| s.status == StageStatus::Completed)
-                .count()
-        };
-        if before.run.status != after.run.status || completed(before) != completed(after) {
+        if before.run.status != after.run.status && after.run.status != RunStatus::Running {
             let artifacts = self.artifacts.clone();
             let state = after.clone();
             let written =

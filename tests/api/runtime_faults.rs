@@ -127,6 +127,53 @@ async fn a_hanging_stage_times_out(backend: Backend) {
     assert_eq!(stage(&run, "brand-voice")["status"], "COMPLETED");
 }
 
+fn run_json(app: &TestApp, run: &str) -> Value {
+    let path = app.data_dir.join("runs").join(run).join("run.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("run.json")).expect("json")
+}
+
+/// `run.json` is written where the run rests (queued, waiting for approval, and its end), not
+/// when it starts running again: a file replaced at every transition is what a run costs most on
+/// disk.
+async fn run_json_follows_the_resting_points(backend: Backend) {
+    let app = app_with_faults(backend, "positioning=hang").await;
+    let thread = app.thread().await;
+    let id = app.start_run_id(&thread, "x").await;
+    let waiting = app.wait_status(&id, &["WAITING_APPROVAL"]).await;
+    let at_gate = run_json(&app, &id);
+    assert_eq!(at_gate["status"], "waiting_approval");
+    let completed = waiting["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .filter(|s| s["status"] == "COMPLETED")
+        .count();
+    let manifests = at_gate["manifestPaths"].as_array().expect("manifests");
+    assert!(completed >= 1);
+    assert_eq!(
+        manifests.len(),
+        completed,
+        "one per completed stage: {at_gate}"
+    );
+
+    // Approved: the run is running positioning (which hangs until its timeout).
+    let approved = app.approve(&id, None).await;
+    assert_eq!(approved["resumeApplied"], true, "{approved}");
+    assert_eq!(run_json(&app, &id), at_gate, "not rewritten for running");
+    let running = app.run(&id).await;
+    assert_eq!(running["status"], "RUNNING", "still running: {running}");
+
+    app.wait_status(&id, &["FAILED"]).await;
+    let failed = run_json(&app, &id);
+    assert_eq!(failed["status"], "failed");
+    let manifests = failed["manifestPaths"].as_array().expect("manifests");
+    assert_eq!(
+        manifests.len(),
+        completed + 1,
+        "and the stage approved since: {failed}"
+    );
+}
+
 async fn delayed_stages_still_complete(backend: Backend) {
     let app = app_with_faults(backend, "research=delay-100").await;
     let thread = app.thread().await;
@@ -209,6 +256,7 @@ crate::both_backends!(
     retries_stop_at_max_attempts_and_keep_completed_stages,
     a_fatal_failure_is_not_retried,
     a_hanging_stage_times_out,
+    run_json_follows_the_resting_points,
     delayed_stages_still_complete,
     cancel_abandons_an_attempt_in_flight,
 );
