@@ -306,6 +306,9 @@ impl Store {
                     .synchronous(SqliteSynchronous::Normal)
                     .busy_timeout(Duration::from_secs(10))
                     .foreign_keys(true)
+                    // Savepoint journals (every writer's turn has one) stay in memory instead of
+                    // spilling to a temporary file past 64 KiB.
+                    .pragma("temp_store", "memory")
             });
         let db = Database::connect(opts).await.map_err(AppError::internal)?;
         let backend = db.get_database_backend();
@@ -364,6 +367,30 @@ impl Store {
 
     pub fn backend(&self) -> DbBackend {
         self.backend
+    }
+
+    /// SQLite: the value of a connection setting (`PRAGMA name`), for diagnostics and tests;
+    /// `None` on Postgres or for a name that is not a plain identifier.
+    pub async fn sqlite_pragma(&self, name: &str) -> Result<Option<String>, AppError> {
+        let plain = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if self.is_postgres() || !plain {
+            return Ok(None);
+        }
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                format!("PRAGMA {name}"),
+            ))
+            .await?;
+        Ok(match row {
+            Some(r) => r
+                .try_get_by_index::<i64>(0)
+                .map(|n| n.to_string())
+                .or_else(|_| r.try_get_by_index::<String>(0))
+                .ok(),
+            None => None,
+        })
     }
 
     pub fn is_postgres(&self) -> bool {

@@ -450,6 +450,18 @@ async fn postgres_a_stale_run_copy_on_another_instance_misleads_nothing() {
 /// The bundled SQLite is built with the query planner stability guarantee
 /// (`.cargo/config.toml`): without it every statement with a bound `LIMIT ?` (each sea-orm
 /// `.one()`) is parsed and planned again on every execution.
+/// Every writer's turn is a savepoint, and SQLite journals each page a savepoint changes: kept in
+/// memory, not spilled to a temporary file (`temp_store = memory`).
+#[tokio::test]
+async fn sqlite_keeps_savepoint_journals_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let store = Store::connect(&url, 1).await.expect("sqlite");
+    // 2 = MEMORY (0 = the build's default, a file).
+    let setting = store.sqlite_pragma("temp_store").await.expect("pragma");
+    assert_eq!(setting.as_deref(), Some("2"));
+}
+
 #[tokio::test]
 async fn sqlite_is_built_with_a_stable_query_planner() {
     let dir = tempfile::tempdir().expect("tempdir");
