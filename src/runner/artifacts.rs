@@ -14,6 +14,18 @@ use std::path::{Component, Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
     root: PathBuf,
+    /// Held while run.json is compared and replaced: writes from the runtime and from API
+    /// commands happen after their commits, in tasks of their own, and may finish out of order.
+    run_json: std::sync::Arc<std::sync::Mutex<()>>,
+}
+
+/// Whether `path` holds no run.json of `version` or later (missing or unreadable: none).
+fn older_than(path: &Path, version: i64) -> bool {
+    let on_disk = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["version"].as_i64());
+    on_disk.is_none_or(|v| v < version)
 }
 
 /// A relative artifact path with no way out of its directory.
@@ -67,6 +79,7 @@ impl ArtifactStore {
     pub fn new(data_dir: &Path) -> Self {
         ArtifactStore {
             root: data_dir.join("runs"),
+            run_json: Default::default(),
         }
     }
 
@@ -107,9 +120,15 @@ impl ArtifactStore {
         self.write_run_json(state)
     }
 
-    /// `run.json`: status and the manifests written so far.
+    /// `run.json`: status and the manifests written so far. A state older than the one on disk
+    /// (a write that lost the race with a later one) is not written.
     pub fn write_run_json(&self, state: &RunState) -> Result<(), AppError> {
         let run = &state.run;
+        let path = self.run_dir(&run.id).join("run.json");
+        let _turn = crate::sync::lock(&self.run_json);
+        if !older_than(&path, run.version) {
+            return Ok(());
+        }
         let mut manifests: Vec<String> = state
             .stages
             .iter()
@@ -135,7 +154,7 @@ impl ArtifactStore {
             "updatedAt": run.updated_at,
             "manifestPaths": manifests,
         });
-        Ok(write_json(&self.run_dir(&run.id).join("run.json"), &doc)?)
+        Ok(write_json(&path, &doc)?)
     }
 
     /// Write a successful attempt's files; the manifest last. Returns the artifact metadata.
@@ -283,6 +302,19 @@ mod tests {
         for bad in ["", "../x", "/etc/hostname", "a/../../b", "a\\b", "./a"] {
             assert!(!is_safe_relative(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn run_json_is_replaced_only_by_a_later_version() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("run.json");
+        assert!(older_than(&p, 1), "no file yet");
+        write_atomic(&p, b"{\"version\": 5}").expect("write");
+        assert!(!older_than(&p, 4), "an earlier state");
+        assert!(!older_than(&p, 5), "the same state");
+        assert!(older_than(&p, 6), "a later state");
+        write_atomic(&p, b"{\"vers").expect("write");
+        assert!(older_than(&p, 1), "unreadable: replaced");
     }
 
     #[test]

@@ -127,10 +127,10 @@ pub async fn read_stream(
 
 /// The highest committed sequence (0 for an empty log).
 pub async fn head(conn: &impl ConnectionTrait) -> Result<i64, AppError> {
-    let row = conn
-        .query_one_raw(head_read(conn.get_database_backend()))
+    let rows = conn
+        .query_all_raw(head_read(conn.get_database_backend()))
         .await?;
-    head_of(row.as_ref())
+    head_of(&rows)
 }
 
 /// The read of the log's highest sequence (see [`head_of`]).
@@ -143,10 +143,8 @@ pub(crate) fn head_read(backend: DbBackend) -> Statement {
 }
 
 /// The answer of [`head_read`]: 0 for an empty log.
-pub(crate) fn head_of(row: Option<&QueryResult>) -> Result<i64, AppError> {
-    let max = row
-        .map(|r| r.try_get_by_index::<Option<i64>>(0))
-        .transpose()?;
+pub(crate) fn head_of(rows: &[QueryResult]) -> Result<i64, AppError> {
+    let max = super::first_value::<Option<i64>>(rows)?;
     Ok(max.flatten().unwrap_or(0))
 }
 

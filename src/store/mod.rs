@@ -164,20 +164,41 @@ const RELEASE: &str = "RELEASE SAVEPOINT vm_writer";
 const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT vm_writer; RELEASE SAVEPOINT vm_writer";
 
 impl Batch {
-    /// Roll back to the savepoint of a writer that left without committing (if one did).
-    async fn settle(&mut self) -> Result<(), DbErr> {
-        if self.rollback_pending {
-            if let Some(tx) = self.tx.as_ref() {
-                tx.execute_unprepared(ROLLBACK_TO).await?;
-            }
-            self.rollback_pending = false;
+    /// Roll back to the savepoint of a writer that left without committing (if one did). On
+    /// failure the batch is abandoned: nothing else can be trusted to be in it.
+    async fn settle(&mut self) -> Result<(), AppError> {
+        if !self.rollback_pending {
+            return Ok(());
+        }
+        let rolled_back = match self.tx.as_ref() {
+            Some(tx) => tx.execute_unprepared(ROLLBACK_TO).await.map(|_| ()),
+            None => Ok(()),
+        };
+        self.rollback_pending = false;
+        if let Err(e) = rolled_back {
+            self.abandon();
+            return Err(e.into());
         }
         Ok(())
     }
 
+    /// Roll the whole batch back and tell every waiting writer it failed.
+    fn abandon(&mut self) {
+        drop(self.tx.take());
+        self.rollback_pending = false;
+        self.appended = 0;
+        self.writers = 0;
+        self.head = None;
+        self.waiting_since = None;
+        self.events.clear();
+        for w in self.waiters.drain(..) {
+            let _ = w.send(Err(()));
+        }
+    }
+
     /// Commit the open transaction (if any) and tell every waiting writer how it went.
     async fn flush(&mut self) -> Result<(), AppError> {
-        let rollback = std::mem::take(&mut self.rollback_pending);
+        self.settle().await?;
         let Some(tx) = self.tx.take() else {
             return Ok(());
         };
@@ -188,9 +209,6 @@ impl Batch {
         let waiters = std::mem::take(&mut self.waiters);
         let events = std::mem::take(&mut self.events);
         let result = async {
-            if rollback {
-                tx.execute_unprepared(ROLLBACK_TO).await?;
-            }
             if appended > 0 && self.backend == DbBackend::Postgres {
                 tx.execute_raw(Statement::from_string(
                     DbBackend::Postgres,
@@ -456,32 +474,27 @@ impl Store {
             }
             guard.tx = Some(tx);
         }
-        let opened = async {
-            guard.settle().await?;
-            if self.is_postgres() {
-                if let Some(tx) = guard.tx.as_ref() {
-                    tx.execute_unprepared(SAVEPOINT).await?;
-                }
-                guard.stats.sends.fetch_add(1, Ordering::SeqCst);
-            }
-            Ok::<_, DbErr>(())
-        }
-        .await;
-        if let Err(e) = opened {
-            // The batch is unusable: settle it for the writers already in it.
-            let _ = guard.flush().await;
-            return Err(e.into());
-        }
-        Ok(WriteTx {
+        let setup = guard.rollback_pending || self.is_postgres();
+        let w = WriteTx {
             backend: self.backend,
             guard: Some(guard),
             queued: self.queued.clone(),
             appended: 0,
             events: Vec::new(),
             unsent: Default::default(),
-            opened: AtomicBool::new(self.is_postgres()),
+            opened: AtomicBool::new(false),
             failed: AtomicBool::new(false),
-        })
+        };
+        if !setup {
+            return Ok(w);
+        }
+        // A rollback left by the previous writer, and on Postgres this writer's savepoint, run
+        // in a task of their own: a caller that goes away meanwhile cannot cut them short and
+        // leave the batch not knowing what ran (the writer the task returns to nobody is
+        // dropped, which rolls its savepoint back).
+        tokio::spawn(w.open())
+            .await
+            .unwrap_or_else(|e| Err(AppError::internal(e)))
     }
 }
 
@@ -549,6 +562,16 @@ impl Unsent {
 
 /// Most writes sent together (a rebuild projects thousands before its next read).
 const MAX_UNSENT: usize = 32;
+
+/// The first column of the first row, if there is a row (a single value read or returned).
+pub(crate) fn first_value<T: sea_orm::TryGetable>(
+    rows: &[QueryResult],
+) -> Result<Option<T>, AppError> {
+    Ok(rows
+        .first()
+        .map(|r| r.try_get_by_index::<T>(0))
+        .transpose()?)
+}
 
 /// A unique-index violation among a writer's statements: the data it decided on changed.
 fn conflict_or(e: DbErr) -> AppError {
@@ -655,25 +678,24 @@ impl WriteTx {
         if self.backend != DbBackend::Sqlite {
             return Ok(Vec::new());
         }
-        let mut batch = {
+        let mut pending = {
             let mut unsent = crate::sync::lock(&self.unsent);
             std::mem::take(&mut *unsent)
         };
         if let Some(then) = then {
-            batch.push(&then.sql, then.values);
+            pending.push(&then.sql, then.values);
         }
-        let opened = self.opened.load(Ordering::SeqCst);
-        if batch.sql.is_empty() && (opened || !open) {
+        let opening = !self.opened.load(Ordering::SeqCst);
+        if pending.sql.is_empty() && !(open && opening) {
             return Ok(Vec::new());
         }
-        if !opened {
+        let mut batch = Unsent::default();
+        if opening {
             self.opened.store(true, Ordering::SeqCst);
-            let rest = std::mem::take(&mut batch.sql);
-            batch.sql = SAVEPOINT.to_string();
-            if !rest.is_empty() {
-                batch.sql.push_str(";\n");
-                batch.sql.push_str(&rest);
-            }
+            batch.push(SAVEPOINT, None);
+        }
+        if !pending.sql.is_empty() {
+            batch.push(&pending.sql, Some(sea_orm::Values(pending.values)));
         }
         // Marked failed until the send returns: a send that errs or is cancelled midway may
         // have applied only some of these writes.
@@ -699,7 +721,7 @@ impl WriteTx {
             return Ok(h);
         }
         let rows = self.query(event_log::head_read(self.backend)).await?;
-        let h = event_log::head_of(rows.first())?;
+        let h = event_log::head_of(&rows)?;
         if let Some(g) = self.guard.as_mut() {
             g.head = Some(h);
         }
@@ -725,10 +747,43 @@ impl WriteTx {
         }
     }
 
+    /// Settle what the previous writer left, and on Postgres open this writer's savepoint.
+    async fn open(mut self) -> Result<WriteTx, AppError> {
+        let backend = self.backend;
+        let Some(guard) = self.guard.as_mut() else {
+            return Ok(self);
+        };
+        guard.settle().await?;
+        if backend == DbBackend::Postgres {
+            guard.stats.sends.fetch_add(1, Ordering::SeqCst);
+            let opened = match guard.tx.as_ref() {
+                Some(tx) => tx.execute_unprepared(SAVEPOINT).await.map(|_| ()),
+                None => Ok(()),
+            };
+            if let Err(e) = opened {
+                // An aborted Postgres transaction would "commit" as a rollback: end it here.
+                guard.abandon();
+                return Err(e.into());
+            }
+            self.opened.store(true, Ordering::SeqCst);
+        }
+        Ok(self)
+    }
+
     /// Make this writer's changes part of the batch, and return once the batch has committed.
     /// On SQLite the unsent writes and the savepoint's release go in one send. An error leaves
     /// the writer to its drop, which rolls its savepoint back.
-    pub async fn commit(mut self) -> Result<(), AppError> {
+    ///
+    /// The commit runs in a task of its own: a caller that goes away midway (a request whose
+    /// client left, a lease heartbeat stopped) cannot cut the release short and leave a
+    /// savepoint the batch would then roll back to in vain. Its writes commit with the batch.
+    pub async fn commit(self) -> Result<(), AppError> {
+        tokio::spawn(self.finish())
+            .await
+            .unwrap_or_else(|e| Err(AppError::internal(e)))
+    }
+
+    async fn finish(mut self) -> Result<(), AppError> {
         self.usable()?;
         let release = Statement::from_string(self.backend, RELEASE);
         if self.backend == DbBackend::Sqlite {
@@ -784,12 +839,7 @@ impl Drop for WriteTx {
         }
         if guard.waiters.is_empty() {
             // Nothing of anyone's is in the batch: roll it back rather than leave it open.
-            drop(guard.tx.take());
-            guard.rollback_pending = false;
-            guard.appended = 0;
-            guard.events.clear();
-            guard.writers = 0;
-            guard.waiting_since = None;
+            guard.abandon();
             return;
         }
         // Writers wait on this batch and nobody else is coming: commit it for them.

@@ -611,11 +611,7 @@ impl WriteTx {
             .select_only()
             .column(run::Column::Version)
             .build(self.backend());
-        let rows = self.query(read).await?;
-        Ok(rows
-            .first()
-            .map(|r| r.try_get_by_index::<i64>(0))
-            .transpose()?)
+        super::first_value(&self.query(read).await?)
     }
 
     pub async fn load_run_state(&self, run_id: &str) -> Result<Option<RunState>, AppError> {

@@ -50,35 +50,40 @@ impl Store {
         // In the write batch like every local write: on SQLite a write from outside it would
         // wait for the batch's lock on the file.
         let w = self.write().await?;
-        let res = run_queue::Entity::update_many()
+        let renew = run_queue::Entity::update_many()
             .col_expr(
                 run_queue::Column::LeaseUntil,
                 Expr::value(time::after_seconds(lease_seconds)),
             )
             .filter(run_queue::Column::RunId.eq(run_id))
             .filter(run_queue::Column::LeaseOwner.eq(owner))
-            .exec(w.conn().await?)
-            .await?;
+            .into_query()
+            .returning_col(run_queue::Column::RunId)
+            .to_owned();
+        let renewed: Option<String> =
+            super::first_value(&w.query(self.backend().build(&renew)).await?)?;
         w.commit().await?;
-        Ok(res.rows_affected == 1)
+        Ok(renewed.is_some())
     }
 
     /// Give a claimed run back (it stays queued if it is still runnable).
     pub async fn release_lease(&self, run_id: &str, owner: &str) -> Result<(), AppError> {
         let w = self.write().await?;
-        run_queue::Entity::update_many()
-            .col_expr(
-                run_queue::Column::LeaseOwner,
-                Expr::value(Option::<String>::None),
-            )
-            .col_expr(
-                run_queue::Column::LeaseUntil,
-                Expr::value(Option::<String>::None),
-            )
-            .filter(run_queue::Column::RunId.eq(run_id))
-            .filter(run_queue::Column::LeaseOwner.eq(owner))
-            .exec(w.conn().await?)
-            .await?;
+        w.exec(
+            &run_queue::Entity::update_many()
+                .col_expr(
+                    run_queue::Column::LeaseOwner,
+                    Expr::value(Option::<String>::None),
+                )
+                .col_expr(
+                    run_queue::Column::LeaseUntil,
+                    Expr::value(Option::<String>::None),
+                )
+                .filter(run_queue::Column::RunId.eq(run_id))
+                .filter(run_queue::Column::LeaseOwner.eq(owner))
+                .into_query(),
+        )
+        .await?;
         w.commit().await
     }
 }
@@ -115,10 +120,6 @@ impl WriteTx {
             .into_query()
             .returning_col(run_queue::Column::RunId)
             .to_owned();
-        let claimed = self.query(self.backend().build(&claim)).await?;
-        Ok(claimed
-            .first()
-            .map(|r| r.try_get_by_index::<String>(0))
-            .transpose()?)
+        super::first_value(&self.query(self.backend().build(&claim)).await?)
     }
 }

@@ -330,6 +330,29 @@ impl TestApp {
         d["workflowRun"].clone()
     }
 
+    /// The run's run.json (written after the commit that changed the run, so poll with
+    /// [`TestApp::wait_run_json`] for a given status).
+    pub fn run_json(&self, id: &str) -> Option<Value> {
+        let path = self.data_dir.join("runs").join(id).join("run.json");
+        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+    }
+
+    /// Poll until the run's run.json has `status` (bounded: fails after 30 s).
+    pub async fn wait_run_json(&self, id: &str, status: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let doc = self.run_json(id);
+            if let Some(doc) = doc.as_ref().filter(|d| d["status"] == status) {
+                return doc.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run.json of {id} never said {status}: {doc:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Poll until the run's status is one of `statuses` (bounded: fails after 30 s).
     pub async fn wait_status(&self, id: &str, statuses: &[&str]) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -91,12 +91,7 @@ async fn any_mode_falls_back_to_foundation_and_completes_on_approvals(backend: B
     .expect("json");
     assert_eq!(manifest["artifacts"].as_array().expect("a").len(), 2);
     assert_eq!(manifest["stagePosition"], 4);
-    let run_json: Value = serde_json::from_str(
-        &std::fs::read_to_string(app.data_dir.join("runs").join(&id).join("run.json"))
-            .expect("run.json"),
-    )
-    .expect("json");
-    assert_eq!(run_json["status"], "completed");
+    let run_json = app.wait_run_json(&id, "completed").await;
     assert_eq!(run_json["manifestPaths"].as_array().expect("m").len(), 4);
     let tmp_files = walk(&app.data_dir.join("runs"))
         .into_iter()

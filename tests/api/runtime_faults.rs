@@ -127,11 +127,6 @@ async fn a_hanging_stage_times_out(backend: Backend) {
     assert_eq!(stage(&run, "brand-voice")["status"], "COMPLETED");
 }
 
-fn run_json(app: &TestApp, run: &str) -> Value {
-    let path = app.data_dir.join("runs").join(run).join("run.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("run.json")).expect("json")
-}
-
 /// `run.json` is written where the run rests (queued, waiting for approval, and its end), not
 /// when it starts running again: a file replaced at every transition is what a run costs most on
 /// disk.
@@ -140,8 +135,7 @@ async fn run_json_follows_the_resting_points(backend: Backend) {
     let thread = app.thread().await;
     let id = app.start_run_id(&thread, "x").await;
     let waiting = app.wait_status(&id, &["WAITING_APPROVAL"]).await;
-    let at_gate = run_json(&app, &id);
-    assert_eq!(at_gate["status"], "waiting_approval");
+    let at_gate = app.wait_run_json(&id, "waiting_approval").await;
     let completed = waiting["stages"]
         .as_array()
         .expect("stages")
@@ -159,13 +153,15 @@ async fn run_json_follows_the_resting_points(backend: Backend) {
     // Approved: the run is running positioning (which hangs until its timeout).
     let approved = app.approve(&id, None).await;
     assert_eq!(approved["resumeApplied"], true, "{approved}");
-    assert_eq!(run_json(&app, &id), at_gate, "not rewritten for running");
+    assert_eq!(
+        app.run_json(&id),
+        Some(at_gate.clone()),
+        "not rewritten for running"
+    );
     let running = app.run(&id).await;
     assert_eq!(running["status"], "RUNNING", "still running: {running}");
 
-    app.wait_status(&id, &["FAILED"]).await;
-    let failed = run_json(&app, &id);
-    assert_eq!(failed["status"], "failed");
+    let failed = app.wait_run_json(&id, "failed").await;
     let manifests = failed["manifestPaths"].as_array().expect("manifests");
     assert_eq!(
         manifests.len(),

@@ -223,6 +223,43 @@ async fn a_failed_last_writer_still_commits_the_batch(backend: Backend) {
     assert_eq!(got, ["brand:la"], "a's event kept, none of b's");
 }
 
+/// A commit whose caller goes away midway (a client that left, a heartbeat stopped) still
+/// commits, and the writers after it in the batch are not harmed.
+async fn a_commit_cut_short_still_commits(backend: Backend) {
+    let mut opts = Options::new(backend);
+    opts.workers = 0;
+    let app = TestApp::spawn_with(opts).await;
+    let store = app.services.store.clone();
+    let head = store.head_sequence().await.expect("head");
+
+    let mut a = store.write().await.expect("writer a");
+    a.append("brand:ca", 0, &meta(), brand_created("ca"))
+        .await
+        .expect("a appends");
+    let b = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut w = store.write().await?;
+            w.append("brand:cb", 0, &meta(), brand_created("cb"))
+                .await?;
+            w.commit().await
+        })
+    };
+    until_queued(&store, 1).await;
+    {
+        // Polled once (its statements are on their way), then dropped.
+        let mut commit = Box::pin(a.commit());
+        assert!(futures::poll!(&mut commit).is_pending());
+    }
+    b.await.expect("b joins").expect("b commits");
+    let events = store
+        .read_events(head, &EventFilter::default(), 100)
+        .await
+        .expect("read");
+    let got: Vec<&str> = events.iter().map(|e| e.stream_id.as_str()).collect();
+    assert_eq!(got, ["brand:ca", "brand:cb"], "both committed");
+}
+
 /// `owner` claims the oldest claimable run (there must be one), with its next step if it can.
 async fn claim(services: &Services, owner: &str) -> Claimed {
     services
@@ -387,6 +424,7 @@ async fn a_writers_writes_go_together(backend: Backend) {
 crate::both_backends!(
     a_writers_writes_go_together,
     a_failed_last_writer_still_commits_the_batch,
+    a_commit_cut_short_still_commits,
     a_failed_writer_leaves_the_rest_of_its_batch,
     concurrent_writes_share_commits,
     awkward_text_round_trips,
@@ -447,9 +485,6 @@ async fn postgres_a_stale_run_copy_on_another_instance_misleads_nothing() {
     drop(b);
 }
 
-/// The bundled SQLite is built with the query planner stability guarantee
-/// (`.cargo/config.toml`): without it every statement with a bound `LIMIT ?` (each sea-orm
-/// `.one()`) is parsed and planned again on every execution.
 /// Every writer's turn is a savepoint, and SQLite journals each page a savepoint changes: kept in
 /// memory, not spilled to a temporary file (`temp_store = memory`).
 #[tokio::test]
@@ -462,6 +497,9 @@ async fn sqlite_keeps_savepoint_journals_in_memory() {
     assert_eq!(setting.as_deref(), Some("2"));
 }
 
+/// The bundled SQLite is built with the query planner stability guarantee
+/// (`.cargo/config.toml`): without it every statement with a bound `LIMIT ?` (each sea-orm
+/// `.one()`) is parsed and planned again on every execution.
 #[tokio::test]
 async fn sqlite_is_built_with_a_stable_query_planner() {
     let dir = tempfile::tempdir().expect("tempdir");
