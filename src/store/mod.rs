@@ -606,7 +606,8 @@ impl WriteTx {
 
     /// The transaction, for reads built with sea-orm (and for writes whose result is needed),
     /// once this writer's earlier writes are sent. Reads on the hot path use
-    /// [`WriteTx::query`], which carries the unsent writes along instead.
+    /// [`WriteTx::query`], which carries the unsent writes along instead. Use the handle at
+    /// once: statements run on it go before writes this writer queues after taking it.
     pub(crate) async fn conn(&self) -> Result<&DatabaseTransaction, AppError> {
         self.send(None, true).await?;
         self.count_send();
