@@ -10,7 +10,7 @@ use vm_workflow::error::AppError;
 use vm_workflow::service::runs::Claimed;
 use vm_workflow::service::Services;
 use vm_workflow::store::event_log::NewEvent;
-use vm_workflow::store::{EventFilter, Store};
+use vm_workflow::store::{EventFilter, Store, WriteTx};
 
 fn meta() -> EventMeta {
     EventMeta {
@@ -44,21 +44,41 @@ async fn until_queued(store: &Store, n: usize) {
     );
 }
 
-/// Three writers in one batch: the first waits for the batch, the second fails (its savepoint is
-/// rolled back), the third commits for both survivors. Nothing of the second is kept, nothing of
-/// the others is lost, and the log stays gap-free.
-async fn a_failed_writer_leaves_the_rest_of_its_batch(backend: Backend) {
+/// An app without workers (no writer but the test's), its store and the log's head.
+async fn quiet_store(backend: Backend) -> (TestApp, Arc<Store>, i64) {
     let mut opts = Options::new(backend);
     opts.workers = 0;
     let app = TestApp::spawn_with(opts).await;
     let store = app.services.store.clone();
     let head = store.head_sequence().await.expect("head");
-    let (writers0, commits0) = store.write_stats().get();
+    (app, store, head)
+}
 
-    let mut a = store.write().await.expect("writer a");
-    a.append("brand:a", 0, &meta(), brand_created("a"))
+/// A writer that appended the creation of brand `id`.
+async fn writer_with_brand(store: &Store, id: &str) -> WriteTx {
+    let mut w = store.write().await.expect("writer");
+    w.append(&format!("brand:{id}"), 0, &meta(), brand_created(id))
         .await
-        .expect("a appends");
+        .expect("append");
+    w
+}
+
+/// The streams of the committed events after `head`, in log order.
+async fn streams_after(store: &Store, head: i64) -> Vec<String> {
+    let events = store
+        .read_events(head, &EventFilter::default(), 100)
+        .await
+        .expect("read");
+    events.into_iter().map(|e| e.stream_id).collect()
+}
+
+/// Three writers in one batch: the first waits for the batch, the second fails (its savepoint is
+/// rolled back), the third commits for both survivors. Nothing of the second is kept, nothing of
+/// the others is lost, and the log stays gap-free.
+async fn a_failed_writer_leaves_the_rest_of_its_batch(backend: Backend) {
+    let (_app, store, head) = quiet_store(backend).await;
+    let (writers0, commits0) = store.write_stats().get();
+    let a = writer_with_brand(&store, "a").await;
     let b = {
         let store = store.clone();
         tokio::spawn(async move {
@@ -71,13 +91,7 @@ async fn a_failed_writer_leaves_the_rest_of_its_batch(backend: Backend) {
     until_queued(&store, 1).await;
     let c = {
         let store = store.clone();
-        tokio::spawn(async move {
-            let mut w = store.write().await.expect("writer c");
-            w.append("brand:c", 0, &meta(), brand_created("c"))
-                .await
-                .expect("c appends");
-            w.commit().await
-        })
+        tokio::spawn(async move { writer_with_brand(&store, "c").await.commit().await })
     };
     until_queued(&store, 2).await;
     // Others are queued: a leaves the batch open for them and returns once it commits.
@@ -184,16 +198,8 @@ async fn awkward_text_round_trips(backend: Backend) {
 /// The last writer of a batch fails after its statements reached the database: its savepoint is
 /// rolled back when the batch commits for the writers that wait on it, and theirs are kept.
 async fn a_failed_last_writer_still_commits_the_batch(backend: Backend) {
-    let mut opts = Options::new(backend);
-    opts.workers = 0;
-    let app = TestApp::spawn_with(opts).await;
-    let store = app.services.store.clone();
-    let head = store.head_sequence().await.expect("head");
-
-    let mut a = store.write().await.expect("writer a");
-    a.append("brand:la", 0, &meta(), brand_created("la"))
-        .await
-        .expect("a appends");
+    let (_app, store, head) = quiet_store(backend).await;
+    let a = writer_with_brand(&store, "la").await;
     let b = {
         let store = store.clone();
         tokio::spawn(async move {
@@ -215,27 +221,18 @@ async fn a_failed_last_writer_still_commits_the_batch(backend: Backend) {
         matches!(b, Err(AppError::Conflict(_))),
         "b must fail with a conflict: {b:?}"
     );
-    let events = store
-        .read_events(head, &EventFilter::default(), 100)
-        .await
-        .expect("read");
-    let got: Vec<&str> = events.iter().map(|e| e.stream_id.as_str()).collect();
-    assert_eq!(got, ["brand:la"], "a's event kept, none of b's");
+    assert_eq!(
+        streams_after(&store, head).await,
+        ["brand:la"],
+        "a's event kept, none of b's"
+    );
 }
 
 /// A commit whose caller goes away midway (a client that left, a heartbeat stopped) still
 /// commits, and the writers after it in the batch are not harmed.
 async fn a_commit_cut_short_still_commits(backend: Backend) {
-    let mut opts = Options::new(backend);
-    opts.workers = 0;
-    let app = TestApp::spawn_with(opts).await;
-    let store = app.services.store.clone();
-    let head = store.head_sequence().await.expect("head");
-
-    let mut a = store.write().await.expect("writer a");
-    a.append("brand:ca", 0, &meta(), brand_created("ca"))
-        .await
-        .expect("a appends");
+    let (_app, store, head) = quiet_store(backend).await;
+    let a = writer_with_brand(&store, "ca").await;
     let b = {
         let store = store.clone();
         tokio::spawn(async move {
@@ -252,12 +249,11 @@ async fn a_commit_cut_short_still_commits(backend: Backend) {
         assert!(futures::poll!(&mut commit).is_pending());
     }
     b.await.expect("b joins").expect("b commits");
-    let events = store
-        .read_events(head, &EventFilter::default(), 100)
-        .await
-        .expect("read");
-    let got: Vec<&str> = events.iter().map(|e| e.stream_id.as_str()).collect();
-    assert_eq!(got, ["brand:ca", "brand:cb"], "both committed");
+    assert_eq!(
+        streams_after(&store, head).await,
+        ["brand:ca", "brand:cb"],
+        "both committed"
+    );
 }
 
 /// `owner` claims the oldest claimable run (there must be one), with its next step if it can.
