@@ -12,6 +12,8 @@
 //!    once per *distinct request* (document, operation, variables, extensions, caller) and event:
 //!    the first subscriber to need it starts it, every subscriber waiting for it drives it (one
 //!    that stops reading holds up nobody), later ones reuse it for [`Renders::MAX_AGE`].
+//!    A rendering is kept as the JSON the client receives ([`Payload`]), serialized once: a
+//!    subscriber only wraps it in its protocol message.
 //!
 //! A rendering that carries errors goes to those already waiting for it and is then dropped, so
 //! the next subscriber renders again. Queries and mutations sent over a WebSocket, and any
@@ -22,7 +24,7 @@ use super::AppSchema;
 use crate::domain::events::StoredEvent;
 use crate::sync::lock;
 use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, OperationType};
-use async_graphql::{Data, Executor, Request, Response, ServerError, Value, Variables};
+use async_graphql::{Data, Request, Response, Variables};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{BoxStream, StreamExt};
 use sha2::{Digest, Sha256};
@@ -87,8 +89,26 @@ pub struct Renders {
 /// A request's key (a SHA-256 digest: entries stay small however long the document) and an
 /// event's sequence.
 type RenderKey = ([u8; 32], i64);
-/// One event's rendering: data and errors, or `None` if the resolver dropped the event.
-type Rendered = Option<(Value, Vec<ServerError>)>;
+/// One event's rendering, and whether it carries errors; `None` if the resolver dropped the event.
+type Rendered = Option<(Payload, bool)>;
+
+/// A GraphQL response as the client receives it (`{"data":…}`, with `errors` when there are
+/// any), serialized once however many subscribers send it.
+pub type Payload = Arc<str>;
+
+/// The JSON of a response.
+pub fn payload_of(response: &Response) -> Payload {
+    match serde_json::to_string(response) {
+        Ok(json) => json.into(),
+        // A response is built from JSON-compatible values; should that ever fail, the client
+        // learns that this one response was lost, not why.
+        Err(e) => {
+            tracing::error!(error = %e, "a GraphQL response could not be serialized");
+            r#"{"data":null,"errors":[{"message":"internal error","extensions":{"code":"INTERNAL"}}]}"#
+                .into()
+        }
+    }
+}
 /// Driven by whichever subscriber polls it, so a subscriber that stops reading holds up nobody.
 type Rendering = Shared<BoxFuture<'static, Rendered>>;
 
@@ -221,16 +241,10 @@ fn json(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }
 
-impl Executor for SharedExecutor {
-    async fn execute(&self, request: Request) -> Response {
-        self.schema.execute(request).await
-    }
-
-    fn execute_stream(
-        &self,
-        request: Request,
-        session: Option<Arc<Data>>,
-    ) -> BoxStream<'static, Response> {
+impl SharedExecutor {
+    /// The responses to one operation sent over a WebSocket, serialized: one for a query or a
+    /// mutation, one per event for a subscription.
+    pub fn payloads(&self, request: Request, session: Arc<Data>) -> BoxStream<'static, Payload> {
         let parts = Parts {
             document: async_graphql::parser::parse_query(&request.query).ok(),
             query: request.query,
@@ -238,11 +252,8 @@ impl Executor for SharedExecutor {
             variables: request.variables,
             extensions: request.extensions,
         };
-        let session = session.unwrap_or_default();
         if !parts.is_subscription() {
-            return self
-                .schema
-                .execute_stream_with_session_data(parts.request(), session);
+            return self.plain(&parts, session);
         }
         let this = self.clone();
         async_stream::stream! {
@@ -255,9 +266,9 @@ impl Executor for SharedExecutor {
             let answered = probe.next().await.is_some();
             let events = if answered { None } else { slot.take_one() };
             let Some(mut events) = events else {
-                let mut plain = this.schema.execute_stream_with_session_data(parts.request(), session);
-                while let Some(response) = plain.next().await {
-                    yield response;
+                let mut plain = this.plain(&parts, session);
+                while let Some(payload) = plain.next().await {
+                    yield payload;
                 }
                 return;
             };
@@ -266,8 +277,8 @@ impl Executor for SharedExecutor {
             let parts = Arc::new(parts);
             while let Some(item) = events.next().await {
                 let failed = item.is_err();
-                if let Some(response) = this.render(&parts, &key, &session, item).await {
-                    yield response;
+                if let Some(payload) = this.render(&parts, &key, &session, item).await {
+                    yield payload;
                 }
                 if failed {
                     break;
@@ -275,6 +286,14 @@ impl Executor for SharedExecutor {
             }
         }
         .boxed()
+    }
+
+    /// The request served by the schema alone, each response serialized for its one client.
+    fn plain(&self, parts: &Parts, session: Arc<Data>) -> BoxStream<'static, Payload> {
+        self.schema
+            .execute_stream_with_session_data(parts.request(), session)
+            .map(|response| payload_of(&response))
+            .boxed()
     }
 }
 
@@ -287,25 +306,25 @@ impl SharedExecutor {
         key: &[u8; 32],
         session: &Arc<Data>,
         item: EventItem,
-    ) -> Option<Response> {
+    ) -> Option<Payload> {
         let sequence = match &item {
             Ok(ev) => ev.sequence,
             Err(_) => {
-                let response = self
+                let (payload, _) = self
                     .render_alone(parts.clone(), session.clone(), item)
                     .await?;
-                return Some(response_of(response));
+                return Some(payload);
             }
         };
         let rendering = self.renders.rendering(key, sequence, || {
             let (this, parts, session) = (self.clone(), parts.clone(), session.clone());
             async move { this.render_alone(parts, session, item).await }.boxed()
         });
-        let rendered = rendering.await?;
-        if !rendered.1.is_empty() {
+        let (payload, failed) = rendering.await?;
+        if failed {
             self.renders.forget(key, sequence);
         }
-        Some(response_of(rendered))
+        Some(payload)
     }
 
     async fn render_alone(
@@ -313,21 +332,19 @@ impl SharedExecutor {
         parts: Arc<Parts>,
         session: Arc<Data>,
         item: EventItem,
-    ) -> Option<(Value, Vec<ServerError>)> {
+    ) -> Rendered {
         self.renders.executed.fetch_add(1, Ordering::Relaxed);
         let request = parts.request().data(RenderOne(item));
         let mut responses = self
             .schema
             .execute_stream_with_session_data(request, session);
         let response = responses.next().await?;
-        Some((response.data, response.errors))
+        let failed = !response.errors.is_empty();
+        // What the client gets: data and errors (as before the sharing, no extensions).
+        let mut sent = Response::new(response.data);
+        sent.errors = response.errors;
+        Some((payload_of(&sent), failed))
     }
-}
-
-fn response_of((data, errors): (Value, Vec<ServerError>)) -> Response {
-    let mut response = Response::new(data);
-    response.errors = errors;
-    response
 }
 
 #[cfg(test)]
@@ -335,11 +352,11 @@ mod tests {
     use super::*;
 
     fn value(n: i64) -> BoxFuture<'static, Rendered> {
-        async move { Some((Value::from(n), Vec::new())) }.boxed()
+        async move { Some((n.to_string().into(), false)) }.boxed()
     }
 
-    fn data(rendered: Rendered) -> Value {
-        rendered.expect("rendered").0
+    fn data(rendered: Rendered) -> i64 {
+        rendered.expect("rendered").0.parse().expect("a number")
     }
 
     /// The subscriber that started a rendering stops polling it (its socket is full): another
@@ -351,7 +368,7 @@ mod tests {
         let mut first = renders.rendering(&[1; 32], 7, || {
             async move {
                 let _ = wait.await;
-                Some((Value::from(7), Vec::new()))
+                Some(("7".into(), false))
             }
             .boxed()
         });
@@ -361,34 +378,25 @@ mod tests {
         let got = tokio::time::timeout(Duration::from_secs(5), second)
             .await
             .expect("the second subscriber is not held up");
-        assert_eq!(data(got), Value::from(7));
+        assert_eq!(data(got), 7);
     }
 
     #[tokio::test]
     async fn renderings_are_reused_per_request_and_event_until_they_age() {
         let renders = Renders::default();
-        assert_eq!(
-            data(renders.rendering(&[1; 32], 1, || value(1)).await),
-            Value::from(1)
-        );
+        assert_eq!(data(renders.rendering(&[1; 32], 1, || value(1)).await), 1);
         let reused = renders.rendering(&[1; 32], 1, || unreachable!("reused"));
-        assert_eq!(data(reused.await), Value::from(1));
+        assert_eq!(data(reused.await), 1);
         let other_event = renders.rendering(&[1; 32], 2, || value(2));
-        assert_eq!(data(other_event.await), Value::from(2));
+        assert_eq!(data(other_event.await), 2);
         let other_request = renders.rendering(&[2; 32], 1, || value(3));
-        assert_eq!(data(other_request.await), Value::from(3));
+        assert_eq!(data(other_request.await), 3);
 
         renders.forget(&[1; 32], 1);
-        assert_eq!(
-            data(renders.rendering(&[1; 32], 1, || value(4)).await),
-            Value::from(4)
-        );
+        assert_eq!(data(renders.rendering(&[1; 32], 1, || value(4)).await), 4);
 
         tokio::time::sleep(Renders::MAX_AGE + Duration::from_millis(50)).await;
-        assert_eq!(
-            data(renders.rendering(&[1; 32], 2, || value(5)).await),
-            Value::from(5)
-        );
+        assert_eq!(data(renders.rendering(&[1; 32], 2, || value(5)).await), 5);
         assert_eq!(
             lock(&renders.inner).cells.len(),
             1,

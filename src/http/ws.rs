@@ -1,24 +1,31 @@
-//! One GraphQL WebSocket connection. async-graphql speaks both protocols (`graphql-transport-ws`
-//! and the legacy `graphql-ws`); around it we add what a long-lived public endpoint needs:
-//! a `connection_init` deadline (close 4408), server pings on every connection (`ping`, or `ka` on
-//! the legacy protocol), and a bound on the operations active at once on one connection.
+//! One GraphQL WebSocket connection: both protocols (`graphql-transport-ws` and the legacy
+//! `graphql-ws`), spoken here rather than by async-graphql's WebSocket layer so that a shared
+//! subscription rendering ([`Payload`], serialized once) is only wrapped in each subscriber's
+//! message, never re-serialized per subscriber. Around the protocol: a `connection_init` deadline
+//! (close 4408), server pings on every connection (`ping`, or `ka` on the legacy protocol), and a
+//! bound on the operations active at once on one connection.
 
-use crate::graphql::fanout::SharedExecutor;
-use crate::sync::lock;
-use async_graphql::http::{WebSocketProtocols, WsMessage};
+use crate::graphql::fanout::{Payload, SharedExecutor};
+use async_graphql::http::{ClientMessage, WebSocketProtocols};
 use async_graphql::Data;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures::{future, FutureExt, SinkExt, StreamExt};
-use serde_json::{json, Value};
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use futures::stream::BoxStream;
+use futures::{FutureExt, SinkExt, StreamExt};
+use serde_json::json;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio_stream::StreamMap;
 
 /// Close code for a missing `connection_init` (graphql-transport-ws).
 pub const CLOSE_INIT_TIMEOUT: u16 = 4408;
 /// Close code for a second operation under an id already in use (graphql-transport-ws).
 pub const CLOSE_DUPLICATE_ID: u16 = 4409;
+/// Close code for a client message that is not one of the protocol's (graphql-transport-ws).
+pub const CLOSE_INVALID_MESSAGE: u16 = 4400;
+/// Close code for an operation sent before `connection_init` (graphql-transport-ws).
+pub const CLOSE_UNAUTHORIZED: u16 = 4401;
+/// Close code for a second `connection_init` (graphql-transport-ws).
+pub const CLOSE_TOO_MANY_INITS: u16 = 4429;
 /// `extensions.code` of an operation refused because the connection has too many.
 pub const TOO_MANY_OPERATIONS: &str = "TOO_MANY_OPERATIONS";
 /// Close code for a client message over the size limit (RFC 6455 "message too big").
@@ -37,123 +44,213 @@ pub struct WsSettings {
     pub max_message_bytes: usize,
 }
 
-/// What the connection knows about the client's messages, shared by the reading and writing side.
-#[derive(Default)]
-struct Tracker {
-    initialised: bool,
-    active: HashSet<String>,
+/// What an operation's stream yields: a response to send, then its end.
+enum OpItem {
+    Next(Payload),
+    Done,
+}
+
+/// The active operations of a connection by id: stopping one drops its stream.
+type Operations = StreamMap<Arc<str>, BoxStream<'static, OpItem>>;
+
+/// The protocol state of one connection.
+struct Connection {
+    legacy: bool,
+    executor: SharedExecutor,
+    /// The connection's request data until `connection_init`, then shared by its operations.
+    data: Option<Data>,
+    session: Option<Arc<Data>>,
+    max_operations: usize,
+}
+
+/// What woke a connection.
+enum Woke {
+    Op(Arc<str>, OpItem),
+    Read(Option<Result<Message, axum::Error>>),
+    InitDeadline,
+    Ping,
+}
+
+/// What to write after a wake-up.
+enum Reply {
+    Nothing,
+    Send(Message),
+    /// Close the connection with this frame.
+    Close(Message),
 }
 
 /// Serve one upgraded socket until either side closes it.
 pub async fn serve(
-    socket: WebSocket,
+    mut socket: WebSocket,
     executor: SharedExecutor,
     protocol: WebSocketProtocols,
     data: Data,
     settings: WsSettings,
 ) {
-    let legacy = matches!(protocol, WebSocketProtocols::SubscriptionsTransportWS);
-    let (mut sink, source) = socket.split();
-    let tracker = Arc::new(Mutex::new(Tracker::default()));
-    // Answers to refused client messages, sent by the writing loop below.
-    let (refusals_tx, mut refusals) = mpsc::unbounded_channel::<Message>();
-
-    let input = {
-        let tracker = tracker.clone();
-        let max = settings.max_operations;
-        let read_errors = refusals_tx.clone();
-        source
-            .take_while(move |m| {
-                if let Err(e) = m {
-                    // The client learns why its connection ends; the details stay in our log.
-                    tracing::debug!(error = %e, "WebSocket read failed; closing");
-                    let _ = read_errors.send(read_error_close(e));
-                }
-                future::ready(m.is_ok())
-            })
-            .filter_map(move |m| {
-                let admitted = match m {
-                    Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
-                        let bytes = msg.into_data();
-                        match admit(&tracker, &bytes, legacy, max) {
-                            Ok(()) => Some(bytes),
-                            Err(refusal) => {
-                                let _ = refusals_tx.send(refusal);
-                                None
-                            }
-                        }
-                    }
-                    _ => None,
-                };
-                future::ready(admitted)
-            })
+    let mut conn = Connection {
+        legacy: matches!(protocol, WebSocketProtocols::SubscriptionsTransportWS),
+        executor,
+        data: Some(data),
+        session: None,
+        max_operations: settings.max_operations,
     };
-
-    let graphql =
-        async_graphql::http::WebSocket::new(executor, input, protocol).connection_data(data);
-    tokio::pin!(graphql);
+    let mut ops = Operations::new();
     let init_deadline = tokio::time::sleep(settings.init_timeout);
     tokio::pin!(init_deadline);
     let start = tokio::time::Instant::now() + settings.ping_interval;
     let mut pings = tokio::time::interval_at(start, settings.ping_interval);
 
     loop {
-        let initialised = lock(&tracker).initialised;
-        let ready = tokio::select! {
-            out = graphql.next() => Ready::Graphql(out),
-            Some(refusal) = refusals.recv() => Ready::Message(refusal),
-            _ = &mut init_deadline, if !initialised => {
-                Ready::Message(close(CLOSE_INIT_TIMEOUT, "Connection initialisation timeout"))
+        let initialised = conn.session.is_some();
+        let woke = tokio::select! {
+            Some((id, item)) = ops.next(), if !ops.is_empty() => Woke::Op(id, item),
+            read = socket.next() => Woke::Read(read),
+            _ = &mut init_deadline, if !initialised => Woke::InitDeadline,
+            _ = pings.tick() => Woke::Ping,
+        };
+        let first = match woke {
+            Woke::Op(id, item) => Reply::Send(conn.op_message(&id, item)),
+            Woke::Read(None) => return, // the client went away
+            Woke::Read(Some(Ok(Message::Text(text)))) => conn.on_client(text.as_bytes(), &mut ops),
+            Woke::Read(Some(Ok(Message::Binary(bytes)))) => conn.on_client(&bytes, &mut ops),
+            // Control frames: tungstenite answers pings, a close is followed by the end.
+            Woke::Read(Some(Ok(_))) => Reply::Nothing,
+            Woke::Read(Some(Err(e))) => {
+                // The client learns why its connection ends; the details stay in our log.
+                tracing::debug!(error = %e, "WebSocket read failed; closing");
+                Reply::Close(read_error_close(&e))
             }
-            _ = pings.tick() => {
-                if !initialised {
-                    continue;
-                }
-                let kind = if legacy { "ka" } else { "ping" };
-                Ready::Message(Message::Text(json!({ "type": kind }).to_string().into()))
+            Woke::InitDeadline => Reply::Close(close(
+                CLOSE_INIT_TIMEOUT,
+                "Connection initialisation timeout",
+            )),
+            Woke::Ping if !initialised => Reply::Nothing,
+            Woke::Ping => {
+                let kind = if conn.legacy { "ka" } else { "ping" };
+                Reply::Send(text(json!({ "type": kind }).to_string()))
             }
         };
+        let msg = match first {
+            Reply::Nothing => continue,
+            Reply::Send(msg) => msg,
+            Reply::Close(frame) => {
+                if socket.send(frame).await.is_ok() {
+                    // We close: keep the socket a moment so the client reads our close frame.
+                    // Closing a socket with unread input (the rest of an oversized message,
+                    // say) sends a TCP reset, which can discard the frame before it is read.
+                    tokio::time::sleep(CLOSE_LINGER).await;
+                }
+                return;
+            }
+        };
+        if socket.feed(msg).await.is_err() {
+            return;
+        }
         // Whatever else is ready goes out with it in one write: the transitions of one commit
         // reach a subscriber together, and each write is a system call.
-        let mut next = outgoing(ready, &tracker, &mut refusals);
-        let mut written = 0;
-        loop {
-            match next {
-                Outgoing::Send(msg) => {
-                    if sink.feed(msg).await.is_err() {
-                        return;
-                    }
-                }
-                Outgoing::End(last) => {
-                    let closing = last.iter().any(|m| matches!(m, Message::Close(_)));
-                    for msg in last {
-                        if sink.feed(msg).await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = sink.flush().await;
-                    if closing {
-                        // We close: keep the socket a moment so the client reads our close frame.
-                        // Closing a socket with unread input (the rest of an oversized message,
-                        // say) sends a TCP reset, which can discard the frame before it is read.
-                        tokio::time::sleep(CLOSE_LINGER).await;
-                    }
-                    return;
-                }
-            }
-            written += 1;
-            if written == MAX_BURST {
+        for _ in 1..MAX_BURST {
+            let Some(Some((id, item))) = ops.next().now_or_never() else {
                 break;
-            }
-            match graphql.next().now_or_never() {
-                Some(out) => next = outgoing(Ready::Graphql(out), &tracker, &mut refusals),
-                None => break,
+            };
+            if socket.feed(conn.op_message(&id, item)).await.is_err() {
+                return;
             }
         }
-        if sink.flush().await.is_err() {
+        if socket.flush().await.is_err() {
             return;
         }
     }
+}
+
+impl Connection {
+    /// Act on one client message.
+    fn on_client(&mut self, bytes: &[u8], ops: &mut Operations) -> Reply {
+        let msg = match ClientMessage::from_bytes(bytes) {
+            Ok(msg) => msg,
+            Err(e) => {
+                tracing::debug!(error = %e, "unreadable client message; closing");
+                return Reply::Close(
+                    self.protocol_close(CLOSE_INVALID_MESSAGE, "Invalid message received"),
+                );
+            }
+        };
+        match msg {
+            ClientMessage::ConnectionInit { .. } => match self.data.take() {
+                Some(data) => {
+                    self.session = Some(Arc::new(data));
+                    Reply::Send(text(json!({ "type": "connection_ack" }).to_string()))
+                }
+                None => Reply::Close(
+                    self.protocol_close(CLOSE_TOO_MANY_INITS, "Too many initialisation requests"),
+                ),
+            },
+            ClientMessage::Start { id, payload } => {
+                let Some(session) = self.session.clone() else {
+                    return Reply::Close(self.protocol_close(CLOSE_UNAUTHORIZED, "Unauthorized"));
+                };
+                let id: Arc<str> = id.into();
+                if ops.contains_key(&id) {
+                    if !self.legacy {
+                        let reason = format!("Subscriber for {id} already exists");
+                        return Reply::Close(close(CLOSE_DUPLICATE_ID, &reason));
+                    }
+                    // The legacy protocol replaces the operation under a reused id (below).
+                } else if ops.len() >= self.max_operations {
+                    return Reply::Send(refuse(&id, self.legacy, self.max_operations));
+                }
+                let responses = self
+                    .executor
+                    .payloads(payload, session)
+                    .map(OpItem::Next)
+                    .chain(futures::stream::once(async { OpItem::Done }));
+                ops.insert(id, responses.boxed());
+                Reply::Nothing
+            }
+            ClientMessage::Stop { id } => match ops.remove(id.as_str()) {
+                Some(_) => Reply::Send(complete(&id)),
+                None => Reply::Nothing,
+            },
+            ClientMessage::ConnectionTerminate => Reply::Close(close(1000, "")),
+            ClientMessage::Ping { .. } => Reply::Send(text(json!({ "type": "pong" }).to_string())),
+            ClientMessage::Pong { .. } => Reply::Nothing,
+        }
+    }
+
+    /// The message for an operation's next response or its end.
+    fn op_message(&self, id: &str, item: OpItem) -> Message {
+        match item {
+            OpItem::Next(payload) => {
+                let kind = if self.legacy { "data" } else { "next" };
+                let id = json!(id);
+                text(format!(
+                    r#"{{"type":"{kind}","id":{id},"payload":{payload}}}"#
+                ))
+            }
+            // Its stream ends with this item, and the map drops it.
+            OpItem::Done => complete(id),
+        }
+    }
+
+    /// The close frame for a protocol violation: `code` on graphql-transport-ws, 1002 on the
+    /// legacy protocol (which defines no codes of its own).
+    fn protocol_close(&self, code: u16, reason: &str) -> Message {
+        close(
+            if self.legacy {
+                CLOSE_PROTOCOL_ERROR
+            } else {
+                code
+            },
+            reason,
+        )
+    }
+}
+
+fn text(s: String) -> Message {
+    Message::Text(s.into())
+}
+
+fn complete(id: &str) -> Message {
+    text(json!({ "type": "complete", "id": id }).to_string())
 }
 
 /// How long a connection the server closes stays open after its close frame.
@@ -161,49 +258,6 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// Messages written to the socket before one flush, at most.
 const MAX_BURST: usize = 64;
-
-/// What woke the connection's loop.
-enum Ready {
-    Graphql(Option<WsMessage>),
-    Message(Message),
-}
-
-/// What to write next.
-enum Outgoing {
-    Send(Message),
-    /// The connection ends after these messages.
-    End(Vec<Message>),
-}
-
-fn outgoing(
-    ready: Ready,
-    tracker: &Mutex<Tracker>,
-    refusals: &mut mpsc::UnboundedReceiver<Message>,
-) -> Outgoing {
-    match ready {
-        // The input ended: what is still queued goes out (refusals, then a read error's close).
-        Ready::Graphql(None) => {
-            let mut last = Vec::new();
-            while let Ok(msg) = refusals.try_recv() {
-                let closing = matches!(msg, Message::Close(_));
-                last.push(msg);
-                if closing {
-                    break;
-                }
-            }
-            Outgoing::End(last)
-        }
-        Ready::Graphql(Some(WsMessage::Text(text))) => {
-            note_server_message(tracker, &text);
-            Outgoing::Send(Message::Text(text.into()))
-        }
-        Ready::Graphql(Some(WsMessage::Close(code, reason))) => {
-            Outgoing::End(vec![close(code, &reason)])
-        }
-        Ready::Message(msg @ Message::Close(_)) => Outgoing::End(vec![msg]),
-        Ready::Message(msg) => Outgoing::Send(msg),
-    }
-}
 
 fn close(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
@@ -223,38 +277,6 @@ fn read_error_close(error: &axum::Error) -> Message {
     }
 }
 
-/// Decide whether a client message goes on to async-graphql; `Err` carries the answer instead.
-fn admit(tracker: &Mutex<Tracker>, bytes: &[u8], legacy: bool, max: usize) -> Result<(), Message> {
-    let Ok(Value::Object(msg)) = serde_json::from_slice::<Value>(bytes) else {
-        return Ok(()); // malformed: async-graphql closes the connection with its protocol error
-    };
-    let kind = msg.get("type").and_then(Value::as_str).unwrap_or("");
-    let id = msg.get("id").and_then(Value::as_str).map(str::to_string);
-    let mut t = lock(tracker);
-    match (kind, id) {
-        ("connection_init", _) => t.initialised = true,
-        ("subscribe" | "start", Some(id)) => {
-            if t.active.contains(&id) {
-                if !legacy {
-                    return Err(close(
-                        CLOSE_DUPLICATE_ID,
-                        &format!("Subscriber for {id} already exists"),
-                    ));
-                }
-            } else if t.active.len() >= max {
-                return Err(refuse(&id, legacy, max));
-            } else {
-                t.active.insert(id);
-            }
-        }
-        ("complete" | "stop", Some(id)) => {
-            t.active.remove(&id);
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
 /// The error message for an operation over the per-connection bound.
 fn refuse(id: &str, legacy: bool, max: usize) -> Message {
     let error = json!({
@@ -267,16 +289,4 @@ fn refuse(id: &str, legacy: bool, max: usize) -> Message {
             .to_string()
             .into(),
     )
-}
-
-/// An operation the server ends (`complete`, or `error`) no longer counts against the bound.
-fn note_server_message(tracker: &Mutex<Tracker>, text: &str) {
-    if !(text.starts_with(r#"{"type":"complete""#) || text.starts_with(r#"{"type":"error""#)) {
-        return;
-    }
-    if let Ok(msg) = serde_json::from_str::<Value>(text) {
-        if let Some(id) = msg.get("id").and_then(Value::as_str) {
-            lock(tracker).active.remove(id);
-        }
-    }
 }

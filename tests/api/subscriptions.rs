@@ -765,6 +765,79 @@ async fn ws_bounds_operations_per_connection() {
     }
 }
 
+/// Messages outside the protocol close the connection with graphql-transport-ws's codes (the
+/// legacy protocol has none of its own: 1002); a client `ping` gets a `pong`.
+#[tokio::test]
+async fn ws_protocol_violations_close_with_their_codes() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let url = app.ws_url();
+    let closed = |got: Incoming| match got {
+        Incoming::Closed { code, reason } => (code, reason),
+        other => panic!("expected a close, got {other:?}"),
+    };
+
+    let mut ws = WsClient::connect_init(&url, Protocol::Transport).await;
+    ws.send(json!({ "type": "ping" })).await;
+    match ws.recv().await {
+        Incoming::Other(v) => assert_eq!(v, json!({ "type": "pong" })),
+        other => panic!("expected pong, got {other:?}"),
+    }
+    ws.send(json!({ "type": "no_such_message" })).await;
+    let (code, reason) = closed(ws.recv().await);
+    assert_eq!(code, Some(4400), "{reason}");
+
+    let mut ws = WsClient::connect(&url, Protocol::Transport).await;
+    ws.subscribe("early", STATUS_SUB, json!({})).await;
+    let (code, reason) = closed(ws.recv().await);
+    assert_eq!((code, reason.as_str()), (Some(4401), "Unauthorized"));
+
+    let mut ws = WsClient::connect_init(&url, Protocol::Transport).await;
+    ws.send(json!({ "type": "connection_init" })).await;
+    let (code, _) = closed(ws.recv().await);
+    assert_eq!(code, Some(4429));
+
+    let mut legacy = WsClient::connect_init(&url, Protocol::Legacy).await;
+    legacy.send(json!({ "type": "start", "id": 7 })).await;
+    let (code, _) = closed(legacy.recv().await);
+    assert_eq!(code, Some(1002));
+}
+
+/// A client that completes a subscription gets `complete` for it and nothing more from it; an
+/// operation that ends by itself (a query) is completed by the server.
+#[tokio::test]
+async fn ws_completed_operations_stop() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let thread = app.thread().await;
+    let run = app.start_run(&thread, "content_calendar").await;
+    let vars = json!({ "r": run["id"], "a": 0 });
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    ws.subscribe("gone", EVENTS_SUB, vars.clone()).await;
+    ws.next_data("gone").await;
+    ws.stop("gone").await;
+    loop {
+        match ws.recv().await {
+            Incoming::Complete { id } if id == "gone" => break,
+            Incoming::Data { id, .. } if id == "gone" => {} // sent before the stop arrived
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    ws.subscribe("q", "query { eventHead }", json!({})).await;
+    let head = ws.next_data("q").await;
+    assert!(head["eventHead"].is_i64(), "{head}");
+    match ws.recv().await {
+        Incoming::Complete { id } => assert_eq!(id, "q"),
+        other => panic!("expected complete for q, got {other:?}"),
+    }
+    // Nothing more for "gone", though its run goes on to the end.
+    app.approve_until_done(run["id"].as_str().expect("run id"))
+        .await;
+    ws.subscribe("still", EVENTS_SUB, vars).await;
+    match ws.recv().await {
+        Incoming::Data { id, .. } => assert_eq!(id, "still"),
+        other => panic!("expected data for still, got {other:?}"),
+    }
+}
+
 /// A catch-up longer than one write (the connection writes at most 64 ready messages per flush)
 /// arrives whole and in order: 9 completed runs, 72 transitions, all ready at once.
 #[tokio::test]
