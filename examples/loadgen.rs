@@ -23,6 +23,10 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+#[path = "common/messages.rs"]
+mod messages;
+use messages::Kind;
+
 #[derive(Debug, Parser, Clone)]
 #[command(
     name = "loadgen",
@@ -152,13 +156,12 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> anyhow::Result<&'a str> {
 
 const SUBSCRIPTION: &str = "subscription($t: ID!, $after: Int) { workflowRunStatusChanged(threadId: $t, afterSequence: $after) { sequence runId fromStatus toStatus stageKey occurredAt } }";
 
+/// A transition routed to the client driving its run.
 #[derive(Debug, Clone)]
 struct Transition {
     run_id: String,
     to: String,
     stage_key: Option<String>,
-    /// Delivery delay: arrival time minus the event's `occurredAt`.
-    delay_us: u64,
 }
 
 type WsStream =
@@ -173,7 +176,9 @@ async fn subscribe(ws_url: &str, thread_id: &str) -> anyhow::Result<WsStream> {
     );
     req.headers_mut()
         .insert("x-actor-id", "loadgen".parse().expect("header value"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(req, Some(messages::client_config()), false)
+            .await?;
     ws.send(Message::text(
         json!({"type": "connection_init", "payload": {}}).to_string(),
     ))
@@ -213,8 +218,27 @@ fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
+/// One transition as a subscriber sees it, borrowed from the message.
+struct Seen<'a> {
+    run_id: &'a str,
+    to: &'a str,
+    stage_key: Option<&'a str>,
+    /// Delivery delay: arrival time minus the event's `occurredAt`.
+    delay_us: u64,
+}
+
+impl Seen<'_> {
+    fn to_owned(&self) -> Transition {
+        Transition {
+            run_id: self.run_id.to_string(),
+            to: self.to.to_string(),
+            stage_key: self.stage_key.map(str::to_string),
+        }
+    }
+}
+
 /// Read transitions until the socket ends; hand each to `on`.
-async fn pump(mut ws: WsStream, mut on: impl FnMut(Transition)) -> anyhow::Result<()> {
+async fn pump(mut ws: WsStream, mut on: impl FnMut(Seen<'_>)) -> anyhow::Result<()> {
     while let Some(msg) = ws.next().await {
         let text = match msg? {
             Message::Text(t) => t,
@@ -222,31 +246,27 @@ async fn pump(mut ws: WsStream, mut on: impl FnMut(Transition)) -> anyhow::Resul
             _ => continue,
         };
         let arrived = now_us();
-        let v: Value = serde_json::from_str(&text)?;
-        match v["type"].as_str() {
-            Some("next") => {
-                if let Some(errors) = v["payload"].get("errors") {
-                    bail!("subscription error: {errors}");
-                }
-                let c = &v["payload"]["data"]["workflowRunStatusChanged"];
-                let occurred = c["occurredAt"]
-                    .as_str()
-                    .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
-                    .map(|t| t.timestamp_micros())
-                    .unwrap_or(arrived);
-                on(Transition {
-                    run_id: c["runId"].as_str().unwrap_or_default().to_string(),
-                    to: c["toStatus"].as_str().unwrap_or_default().to_string(),
-                    stage_key: c["stageKey"].as_str().map(str::to_string),
+        let kind: Kind = serde_json::from_str(&text)?;
+        match kind.kind.as_ref() {
+            "next" => {
+                let c = messages::change(&text)?;
+                let occurred = messages::micros(&c.occurred_at).unwrap_or(arrived);
+                on(Seen {
+                    run_id: &c.run_id,
+                    to: &c.to_status,
+                    stage_key: c.stage_key.as_deref(),
                     delay_us: (arrived - occurred).max(0) as u64,
                 });
             }
-            Some("ping") => {
+            "ping" => {
                 ws.send(Message::text(json!({"type": "pong"}).to_string()))
                     .await?
             }
-            Some("error") => bail!("subscription error: {}", v["payload"]),
-            Some("complete") => break,
+            "error" => {
+                let v: Value = serde_json::from_str(&text)?;
+                bail!("subscription error: {}", v["payload"])
+            }
+            "complete" => break,
             _ => {}
         }
     }
@@ -502,11 +522,11 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(async move {
             pump(ws, move |t| {
                 if measuring.load(Ordering::SeqCst)
-                    && warm_id.lock().expect("lock").as_deref() != Some(t.run_id.as_str())
+                    && warm_id.lock().expect("lock").as_deref() != Some(t.run_id)
                 {
                     delays.lock().expect("lock").push_us(t.delay_us);
                 }
-                router.deliver(t);
+                router.deliver(t.to_owned());
             })
             .await
         })
@@ -550,7 +570,7 @@ async fn main() -> anyhow::Result<()> {
                         }
                         return;
                     }
-                    if warm_id.lock().expect("lock").as_deref() == Some(t.run_id.as_str()) {
+                    if warm_id.lock().expect("lock").as_deref() == Some(t.run_id) {
                         return;
                     }
                     samples.lock().expect("lock").push_us(t.delay_us);
