@@ -109,11 +109,16 @@ pub async fn serve(
             _ = pings.tick() => Woke::Ping,
         };
         let first = match woke {
-            Woke::Op(id, item) => Reply::Send(conn.op_message(&id, item)),
+            Woke::Op(id, item) => Reply::Send(conn.op_message(&id, item, &mut ops)),
             Woke::Read(None) => return, // the client went away
+            Woke::Read(Some(Ok(Message::Close(_)))) => {
+                // tungstenite has queued its answer to the close; send it and stop.
+                let _ = socket.flush().await;
+                return;
+            }
             Woke::Read(Some(Ok(Message::Text(text)))) => conn.on_client(text.as_bytes(), &mut ops),
             Woke::Read(Some(Ok(Message::Binary(bytes)))) => conn.on_client(&bytes, &mut ops),
-            // Control frames: tungstenite answers pings, a close is followed by the end.
+            // Control frames: tungstenite answers pings.
             Woke::Read(Some(Ok(_))) => Reply::Nothing,
             Woke::Read(Some(Err(e))) => {
                 // The client learns why its connection ends; the details stay in our log.
@@ -134,6 +139,7 @@ pub async fn serve(
             Reply::Nothing => continue,
             Reply::Send(msg) => msg,
             Reply::Close(frame) => {
+                drop(ops);
                 if socket.send(frame).await.is_ok() {
                     // We close: keep the socket a moment so the client reads our close frame.
                     // Closing a socket with unread input (the rest of an oversized message,
@@ -152,7 +158,11 @@ pub async fn serve(
             let Some(Some((id, item))) = ops.next().now_or_never() else {
                 break;
             };
-            if socket.feed(conn.op_message(&id, item)).await.is_err() {
+            if socket
+                .feed(conn.op_message(&id, item, &mut ops))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -217,7 +227,7 @@ impl Connection {
     }
 
     /// The message for an operation's next response or its end.
-    fn op_message(&self, id: &str, item: OpItem) -> Message {
+    fn op_message(&self, id: &str, item: OpItem, ops: &mut Operations) -> Message {
         match item {
             OpItem::Next(payload) => {
                 let kind = if self.legacy { "data" } else { "next" };
@@ -226,8 +236,12 @@ impl Connection {
                     r#"{{"type":"{kind}","id":{id},"payload":{payload}}}"#
                 ))
             }
-            // Its stream ends with this item, and the map drops it.
-            OpItem::Done => complete(id),
+            OpItem::Done => {
+                // Gone at once: the map itself would drop the ended stream only when it next
+                // polls it, and until then the id would count as active.
+                ops.remove(id);
+                complete(id)
+            }
         }
     }
 
@@ -250,7 +264,8 @@ fn text(s: String) -> Message {
 }
 
 fn complete(id: &str) -> Message {
-    text(json!({ "type": "complete", "id": id }).to_string())
+    let id = json!(id);
+    text(format!(r#"{{"type":"complete","id":{id}}}"#))
 }
 
 /// How long a connection the server closes stays open after its close frame.
@@ -259,12 +274,20 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Messages written to the socket before one flush, at most.
 const MAX_BURST: usize = 64;
 
+/// A close frame; its reason cut to what fits in a control frame (125 bytes with the code).
 fn close(code: u16, reason: &str) -> Message {
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
     Message::Close(Some(CloseFrame {
         code,
-        reason: reason.to_string().into(),
+        reason: reason[..end].to_string().into(),
     }))
 }
+
+/// Bytes of a close frame's reason: a control frame carries at most 125, 2 of them the code.
+const MAX_CLOSE_REASON: usize = 123;
 
 /// The close frame for a client message the WebSocket layer refused to read.
 fn read_error_close(error: &axum::Error) -> Message {
@@ -289,4 +312,25 @@ fn refuse(id: &str, legacy: bool, max: usize) -> Message {
             .to_string()
             .into(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(msg: Message) -> String {
+        match msg {
+            Message::Close(Some(frame)) => frame.reason.to_string(),
+            other => panic!("not a close frame: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn close_reasons_fit_a_control_frame() {
+        let long = format!("Subscriber for {} already exists", "é".repeat(100));
+        let cut = reason(close(CLOSE_DUPLICATE_ID, &long));
+        assert!(cut.len() <= MAX_CLOSE_REASON, "{} bytes", cut.len());
+        assert!(long.starts_with(&cut));
+        assert_eq!(reason(close(4400, "short")), "short");
+    }
 }

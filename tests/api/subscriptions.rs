@@ -803,10 +803,12 @@ async fn ws_protocol_violations_close_with_their_codes() {
 }
 
 /// A client that completes a subscription gets `complete` for it and nothing more from it; an
-/// operation that ends by itself (a query) is completed by the server.
+/// operation that ends by itself (a query) is completed by the server, and its id is free again:
+/// a client `complete` for it gets no second `complete`, and reusing it is no duplicate.
 #[tokio::test]
 async fn ws_completed_operations_stop() {
-    let app = TestApp::spawn(Backend::Sqlite).await;
+    // No server pings: every message read below is one the test expects.
+    let app = TestApp::spawn_with(sqlite_with(|o| o.ws_ping_interval_seconds = 3600)).await;
     let thread = app.thread().await;
     let run = app.start_run(&thread, "content_calendar").await;
     let vars = json!({ "r": run["id"], "a": 0 });
@@ -821,14 +823,17 @@ async fn ws_completed_operations_stop() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    ws.subscribe("q", "query { eventHead }", json!({})).await;
-    let head = ws.next_data("q").await;
-    assert!(head["eventHead"].is_i64(), "{head}");
-    match ws.recv().await {
-        Incoming::Complete { id } => assert_eq!(id, "q"),
-        other => panic!("expected complete for q, got {other:?}"),
+    for _ in 0..2 {
+        ws.subscribe("q", "query { eventHead }", json!({})).await;
+        let head = ws.next_data("q").await;
+        assert!(head["eventHead"].is_i64(), "{head}");
+        match ws.recv().await {
+            Incoming::Complete { id } => assert_eq!(id, "q"),
+            other => panic!("expected complete for q, got {other:?}"),
+        }
+        ws.stop("q").await;
     }
-    // Nothing more for "gone", though its run goes on to the end.
+    // Nothing more for "gone", though its run goes on to the end, and no second `complete`.
     app.approve_until_done(run["id"].as_str().expect("run id"))
         .await;
     ws.subscribe("still", EVENTS_SUB, vars).await;
