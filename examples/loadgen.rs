@@ -177,7 +177,7 @@ async fn subscribe(ws_url: &str, thread_id: &str) -> anyhow::Result<WsStream> {
     req.headers_mut()
         .insert("x-actor-id", "loadgen".parse().expect("header value"));
     let (mut ws, _) =
-        tokio_tungstenite::connect_async_with_config(req, Some(messages::client_config()), false)
+        tokio_tungstenite::connect_async_with_config(req, Some(messages::client_config()), true)
             .await?;
     ws.send(Message::text(
         json!({"type": "connection_init", "payload": {}}).to_string(),
