@@ -353,7 +353,7 @@ impl Services {
         decide: impl FnOnce(&RunState) -> Result<Vec<DomainEvent>, AppError>,
         start_next: bool,
     ) -> Result<(RunState, Option<(String, u32)>), AppError> {
-        let mut w = self.store.write().await?;
+        let mut w = self.store.write_background().await?;
         let state = match known {
             Some(s) => s,
             None => w.run_state(run_id).await?,
@@ -376,7 +376,7 @@ impl Services {
         owner: &str,
         lease_seconds: f64,
     ) -> Result<Option<Claimed>, AppError> {
-        let mut w = self.store.write().await?;
+        let mut w = self.store.write_background().await?;
         let Some(run_id) = w.claim_oldest_run(owner, lease_seconds).await? else {
             w.commit().await?;
             return Ok(None);

@@ -17,6 +17,7 @@ pub mod queue;
 pub mod rebuild;
 mod rows;
 pub mod seed;
+pub mod turns;
 
 use crate::domain::events::StoredEvent;
 use crate::error::AppError;
@@ -28,7 +29,8 @@ use sea_orm::{
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, Mutex, Notify, OwnedMutexGuard};
+use tokio::sync::{mpsc, oneshot, Notify};
+use turns::{Turn, TurnGuard, TurnLock};
 
 pub use rows::{
     ApprovalRow, ArtifactRow, BrandRow, EventFilter, Page, ProjectRow, ThreadRow, TimelineRow,
@@ -146,11 +148,12 @@ fn max_batch() -> usize {
 }
 
 /// Longest the first writer of a batch waits while writers keep coming
-/// (`VM_WRITE_BATCH_MAX_MS`, default 4).
+/// (`VM_WRITE_BATCH_MAX_MS`, default 2: at 4, a start under load waited ~4 ms for its commit,
+/// most of its latency; BENCHMARKS.md).
 fn max_batch_age() -> Duration {
     static V: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
     *V.get_or_init(|| {
-        Duration::from_secs_f64(env_number("VM_WRITE_BATCH_MAX_MS").unwrap_or(4.0).max(0.0) / 1e3)
+        Duration::from_secs_f64(env_number("VM_WRITE_BATCH_MAX_MS").unwrap_or(2.0).max(0.0) / 1e3)
     })
 }
 
@@ -247,7 +250,7 @@ impl Batch {
 /// waiting (its future dropped) makes sure the batch it leaves behind still commits.
 struct Queued {
     queued: Arc<AtomicUsize>,
-    batch: Arc<Mutex<Batch>>,
+    batch: TurnLock<Batch>,
     done: bool,
 }
 
@@ -283,9 +286,9 @@ impl Drop for Queued {
     }
 }
 
-async fn flush_if_idle(batch: Arc<Mutex<Batch>>, queued: Arc<AtomicUsize>) {
+async fn flush_if_idle(batch: TurnLock<Batch>, queued: Arc<AtomicUsize>) {
     queued.fetch_add(1, Ordering::SeqCst);
-    let mut guard = batch.lock_owned().await;
+    let mut guard = batch.lock(Turn::Request).await;
     queued.fetch_sub(1, Ordering::SeqCst);
     if queued.load(Ordering::SeqCst) == 0 {
         if let Err(e) = guard.flush().await {
@@ -298,7 +301,7 @@ async fn flush_if_idle(batch: Arc<Mutex<Batch>>, queued: Arc<AtomicUsize>) {
 pub struct Store {
     db: DatabaseConnection,
     backend: DbBackend,
-    batch: Arc<Mutex<Batch>>,
+    batch: TurnLock<Batch>,
     /// Writers waiting for the batch lock.
     queued: Arc<AtomicUsize>,
     /// Woken after every commit that appended events.
@@ -348,7 +351,7 @@ impl Store {
         Ok(Store {
             db,
             backend,
-            batch: Arc::new(Mutex::new(Batch {
+            batch: TurnLock::new(Batch {
                 backend,
                 tx: None,
                 waiters: Vec::new(),
@@ -361,7 +364,7 @@ impl Store {
                 feed: feed.clone(),
                 committed: committed.clone(),
                 stats: stats.clone(),
-            })),
+            }),
             queued: Arc::new(AtomicUsize::new(0)),
             committed,
             feed,
@@ -457,11 +460,23 @@ impl Store {
         Ok(self.db.ping().await?)
     }
 
-    /// Begin a serialized write: a savepoint in the open write batch (opened here if none is).
-    /// On SQLite the savepoint is opened with the writer's first send (see [`WriteTx`]).
+    /// Begin a serialized write for a client's command: a savepoint in the open write batch
+    /// (opened here if none is). On SQLite the savepoint is opened with the writer's first send
+    /// (see [`WriteTx`]). Requests take their turn before the runtime's waiting writes (see
+    /// [`turns`]).
     pub async fn write(&self) -> Result<WriteTx, AppError> {
+        self.write_as(Turn::Request).await
+    }
+
+    /// Begin a serialized write for the runtime's own work (claims, stage steps, lease
+    /// releases): after the clients' requests that wait, within [`turns::MAX_REQUEST_STREAK`].
+    pub async fn write_background(&self) -> Result<WriteTx, AppError> {
+        self.write_as(Turn::Background).await
+    }
+
+    async fn write_as(&self, turn: Turn) -> Result<WriteTx, AppError> {
         let queued = Queued::new(self);
-        let mut guard = self.batch.clone().lock_owned().await;
+        let mut guard = self.batch.lock(turn).await;
         queued.arrived();
         if guard.tx.is_none() {
             let tx = self.db.begin().await?;
@@ -526,7 +541,7 @@ async fn planner_is_stable(db: &DatabaseConnection) -> bool {
 /// one hand-over: `SAVEPOINT; writes…; RELEASE`.
 pub struct WriteTx {
     backend: DbBackend,
-    guard: Option<OwnedMutexGuard<Batch>>,
+    guard: Option<TurnGuard<Batch>>,
     queued: Arc<AtomicUsize>,
     appended: usize,
     /// This writer's events, kept for the bus only while it listens.

@@ -33,8 +33,9 @@ impl Store {
         owner: &str,
         lease_seconds: f64,
     ) -> Result<Option<String>, AppError> {
-        // A writer like any other: it rides in the write batch (SQLite has one writer).
-        let w = self.write().await?;
+        // A writer like any other: it rides in the write batch (SQLite has one writer), as the
+        // runtime's work, after clients' requests.
+        let w = self.write_background().await?;
         let claimed = w.claim_oldest_run(owner, lease_seconds).await?;
         w.commit().await?;
         Ok(claimed)
@@ -48,7 +49,8 @@ impl Store {
         lease_seconds: f64,
     ) -> Result<bool, AppError> {
         // In the write batch like every local write: on SQLite a write from outside it would
-        // wait for the batch's lock on the file.
+        // wait for the batch's lock on the file. A request's turn: a lease must not run out
+        // while its renewal waits behind the runtime's other work.
         let w = self.write().await?;
         let renew = run_queue::Entity::update_many()
             .col_expr(
@@ -68,7 +70,7 @@ impl Store {
 
     /// Give a claimed run back (it stays queued if it is still runnable).
     pub async fn release_lease(&self, run_id: &str, owner: &str) -> Result<(), AppError> {
-        let w = self.write().await?;
+        let w = self.write_background().await?;
         w.exec(
             &run_queue::Entity::update_many()
                 .col_expr(

@@ -256,6 +256,40 @@ async fn a_commit_cut_short_still_commits(backend: Backend) {
     );
 }
 
+/// A client's write goes before the runtime's writes that queued earlier: `Store::write` is a
+/// request, `Store::write_background` the runtime's own work (see `store::turns`).
+async fn requests_go_before_the_runtimes_waiting_writes(backend: Backend) {
+    let (_app, store, head) = quiet_store(backend).await;
+    let a = writer_with_brand(&store, "pa").await;
+    let mut queued = Vec::new();
+    for (n, id) in ["pb1", "pb2"].into_iter().enumerate() {
+        let writer = store.clone();
+        queued.push(tokio::spawn(async move {
+            let mut w = writer.write_background().await?;
+            w.append(&format!("brand:{id}"), 0, &meta(), brand_created(id))
+                .await?;
+            w.commit().await
+        }));
+        until_queued(&store, n + 1).await;
+    }
+    {
+        let store = store.clone();
+        queued.push(tokio::spawn(async move {
+            writer_with_brand(&store, "pr").await.commit().await
+        }));
+    }
+    until_queued(&store, 3).await;
+    a.commit().await.expect("a commits");
+    for w in queued {
+        w.await.expect("joins").expect("commits");
+    }
+    assert_eq!(
+        streams_after(&store, head).await,
+        ["brand:pa", "brand:pr", "brand:pb1", "brand:pb2"],
+        "the request first, then the background writers in their order"
+    );
+}
+
 /// `owner` claims the oldest claimable run (there must be one), with its next step if it can.
 async fn claim(services: &Services, owner: &str) -> Claimed {
     services
@@ -424,7 +458,8 @@ crate::both_backends!(
     a_failed_writer_leaves_the_rest_of_its_batch,
     concurrent_writes_share_commits,
     awkward_text_round_trips,
-    a_claim_steps_or_leaves_nothing
+    a_claim_steps_or_leaves_nothing,
+    requests_go_before_the_runtimes_waiting_writes
 );
 
 fn pending_stage(run: &serde_json::Value) -> Option<String> {
