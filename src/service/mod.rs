@@ -47,6 +47,37 @@ pub struct RunCache {
 /// Runs the cache keeps at most (active runs; finished ones leave it).
 const RUN_CACHE_CAPACITY: usize = 10_000;
 
+/// The project and brand of threads runs were started on: a thread is never deleted and never
+/// moves, so a start on a known thread reads nothing before its write turn.
+#[derive(Default)]
+pub struct ThreadCache {
+    threads: std::sync::Mutex<std::collections::HashMap<String, ThreadIds>>,
+}
+
+/// What a run takes from its thread.
+#[derive(Debug, Clone)]
+pub struct ThreadIds {
+    pub project_id: String,
+    pub brand_id: String,
+}
+
+/// Threads the cache keeps at most.
+const THREAD_CACHE_CAPACITY: usize = 10_000;
+
+impl ThreadCache {
+    pub fn get(&self, thread_id: &str) -> Option<ThreadIds> {
+        crate::sync::lock(&self.threads).get(thread_id).cloned()
+    }
+
+    pub fn put(&self, thread_id: &str, ids: ThreadIds) {
+        let mut threads = crate::sync::lock(&self.threads);
+        if threads.len() >= THREAD_CACHE_CAPACITY && !threads.contains_key(thread_id) {
+            threads.clear();
+        }
+        threads.insert(thread_id.to_string(), ids);
+    }
+}
+
 impl RunCache {
     fn lock(
         &self,
@@ -84,6 +115,7 @@ pub struct Services {
     /// Wakes the runtime's workers when a run becomes runnable.
     pub wake: Arc<Notify>,
     pub runs: RunCache,
+    pub threads: ThreadCache,
 }
 
 impl Services {
@@ -100,6 +132,7 @@ impl Services {
             artifacts,
             wake: Arc::new(Notify::new()),
             runs: RunCache::default(),
+            threads: ThreadCache::default(),
         }
     }
 }

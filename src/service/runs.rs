@@ -120,8 +120,8 @@ impl Services {
             return Err(AppError::validation("requestText must not be empty"));
         }
         let plan = self.preview(&cmd.mode, &cmd.skill_overrides)?;
-        // Threads are never deleted: read it before taking the write lock.
-        let thread = self.store.thread(&cmd.thread_id).await?;
+        // Threads are never deleted and never move: read it before taking the write lock, once.
+        let thread = self.thread_ids(&cmd.thread_id).await?;
         let mut w = self.store.write().await?;
         if let Some(replay) = w.replayed::<RunOutcome>(&idem).await? {
             w.commit().await?;
@@ -132,13 +132,13 @@ impl Services {
         let event = NewEvent {
             body: DomainEvent::WorkflowRunQueued {
                 run_id: run_id.clone(),
-                thread_id: thread.id.clone(),
-                project_id: thread.project_id.clone(),
-                brand_id: thread.brand_id.clone(),
+                thread_id: cmd.thread_id.clone(),
+                project_id: thread.project_id,
+                brand_id: thread.brand_id,
                 request_text,
                 plan,
             },
-            thread_id: Some(thread.id.clone()),
+            thread_id: Some(cmd.thread_id.clone()),
             run_id: Some(run_id.clone()),
         };
         let (_, state) = w
@@ -159,16 +159,48 @@ impl Services {
             state: Some(state.clone()),
         };
         w.remember(&idem, &outcome).await?;
-        w.commit().await?;
+        // plan.json and run.json are written while the commit is on its way (the batch commits
+        // after the writers queued behind this one), and removed if it fails: nothing else knows
+        // the run before it commits.
+        let files = {
+            let artifacts = self.artifacts.clone();
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || artifacts.write_plan(&state))
+        };
+        let committed = w.commit().await;
+        let written = files.await;
+        if let Err(e) = committed {
+            let dir = self.artifacts.run_dir(&run_id);
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+            return Err(e);
+        }
         self.runs.put(&state);
         tracing::info!(run_id = %run_id, mode = %state.run.plan.effective_mode, "run queued");
-        let artifacts = self.artifacts.clone();
-        let written = tokio::task::spawn_blocking(move || artifacts.write_plan(&state)).await;
-        if let Ok(Err(e)) = written {
-            tracing::error!(run_id = %run_id, error = ?e, "could not write plan.json");
+        match written {
+            Ok(Err(e)) => {
+                tracing::error!(run_id = %run_id, error = ?e, "could not write plan.json")
+            }
+            Err(e) => tracing::error!(run_id = %run_id, error = ?e, "writing plan.json stopped"),
+            Ok(Ok(())) => {}
         }
         self.wake.notify_one();
         Ok(outcome)
+    }
+
+    /// The project and brand of a thread (`None`: no such thread), from memory once known.
+    async fn thread_ids(&self, thread_id: &str) -> Result<Option<super::ThreadIds>, AppError> {
+        if let Some(ids) = self.threads.get(thread_id) {
+            return Ok(Some(ids));
+        }
+        let Some(thread) = self.store.thread(thread_id).await? else {
+            return Ok(None);
+        };
+        let ids = super::ThreadIds {
+            project_id: thread.project_id,
+            brand_id: thread.brand_id,
+        };
+        self.threads.put(thread_id, ids.clone());
+        Ok(Some(ids))
     }
 
     /// The shared shape of run commands: load the run in the write transaction, decide, append.
