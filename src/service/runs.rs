@@ -168,13 +168,17 @@ impl Services {
             tokio::task::spawn_blocking(move || artifacts.write_plan(&state))
         };
         let committed = w.commit().await;
+        if committed.is_ok() {
+            // Before the files are awaited: the runtime may step the run meanwhile, and its
+            // newer copy must not be replaced by this one.
+            self.runs.put(&state);
+        }
         let written = files.await;
         if let Err(e) = committed {
             let dir = self.artifacts.run_dir(&run_id);
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
             return Err(e);
         }
-        self.runs.put(&state);
         tracing::info!(run_id = %run_id, mode = %state.run.plan.effective_mode, "run queued");
         match written {
             Ok(Err(e)) => {

@@ -451,6 +451,11 @@ impl Store {
         &self.stats
     }
 
+    /// Writers in line for a write turn right now: `(requests, background)` (see [`turns`]).
+    pub fn waiting_turns(&self) -> (usize, usize) {
+        self.batch.waiting()
+    }
+
     /// Writers waiting for their turn right now.
     pub fn queued_writers(&self) -> usize {
         self.queued.load(Ordering::SeqCst)

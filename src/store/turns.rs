@@ -55,26 +55,33 @@ struct Queues<T> {
 fn release<T>(queues: &Mutex<Queues<T>>, mut value: T) {
     let mut q = crate::sync::lock(queues);
     loop {
-        let next = if q.streak >= MAX_REQUEST_STREAK && !q.background.is_empty() {
-            q.streak = 0;
-            q.background.pop_front()
-        } else if let Some(next) = q.requests.pop_front() {
-            q.streak = if q.background.is_empty() {
-                0
-            } else {
-                q.streak + 1
-            };
-            Some(next)
-        } else {
-            q.streak = 0;
-            q.background.pop_front()
-        };
-        let Some(next) = next else {
-            q.free = Some(value);
-            return;
+        let background_due = q.streak >= MAX_REQUEST_STREAK && !q.background.is_empty();
+        let (next, request) = match q.requests.pop_front() {
+            Some(next) if !background_due => (next, true),
+            popped => {
+                if let Some(next) = popped {
+                    q.requests.push_front(next);
+                }
+                match q.background.pop_front() {
+                    Some(next) => (next, false),
+                    None => {
+                        q.free = Some(value);
+                        return;
+                    }
+                }
+            }
         };
         match next.send(value) {
-            Ok(()) => return,
+            Ok(()) => {
+                // The streak counts requests served while background work waits; it ends when
+                // a background writer (still waiting) gets its turn.
+                q.streak = if request && !q.background.is_empty() {
+                    q.streak + 1
+                } else {
+                    0
+                };
+                return;
+            }
             // That waiter gave up: the next one.
             Err(back) => value = back,
         }
@@ -125,9 +132,9 @@ impl<T> TurnLock<T> {
         }
     }
 
-    /// Writers waiting for a turn right now, requests and background (for tests).
-    #[cfg(test)]
-    fn waiting(&self) -> (usize, usize) {
+    /// Waiters in line right now, requests and background (one that gave up counts until its
+    /// turn comes).
+    pub fn waiting(&self) -> (usize, usize) {
         let q = crate::sync::lock(&self.inner);
         (q.requests.len(), q.background.len())
     }

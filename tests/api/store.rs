@@ -44,6 +44,20 @@ async fn until_queued(store: &Store, n: usize) {
     );
 }
 
+/// Wait until `(requests, background)` writers are in line for a write turn.
+async fn until_waiting(store: &Store, waiting: (usize, usize)) {
+    for _ in 0..500 {
+        if store.waiting_turns() == waiting {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!(
+        "expected {waiting:?} writers in line, have {:?}",
+        store.waiting_turns()
+    );
+}
+
 /// An app without workers (no writer but the test's), its store and the log's head.
 async fn quiet_store(backend: Backend) -> (TestApp, Arc<Store>, i64) {
     let mut opts = Options::new(backend);
@@ -233,12 +247,16 @@ async fn a_failed_last_writer_still_commits_the_batch(backend: Backend) {
 async fn a_commit_cut_short_still_commits(backend: Backend) {
     let (_app, store, head) = quiet_store(backend).await;
     let a = writer_with_brand(&store, "ca").await;
+    // b holds its turn until told: a's commit cannot finish before b's (they share a batch), so
+    // a's caller is sure to leave while its commit is under way, however loaded the machine.
+    let (go, gate) = tokio::sync::oneshot::channel::<()>();
     let b = {
         let store = store.clone();
         tokio::spawn(async move {
             let mut w = store.write().await?;
             w.append("brand:cb", 0, &meta(), brand_created("cb"))
                 .await?;
+            let _ = gate.await;
             w.commit().await
         })
     };
@@ -248,6 +266,7 @@ async fn a_commit_cut_short_still_commits(backend: Backend) {
         let mut commit = Box::pin(a.commit());
         assert!(futures::poll!(&mut commit).is_pending());
     }
+    go.send(()).expect("b waits");
     b.await.expect("b joins").expect("b commits");
     assert_eq!(
         streams_after(&store, head).await,
@@ -270,7 +289,7 @@ async fn requests_go_before_the_runtimes_waiting_writes(backend: Backend) {
                 .await?;
             w.commit().await
         }));
-        until_queued(&store, n + 1).await;
+        until_waiting(&store, (0, n + 1)).await;
     }
     {
         let store = store.clone();
@@ -278,7 +297,7 @@ async fn requests_go_before_the_runtimes_waiting_writes(backend: Backend) {
             writer_with_brand(&store, "pr").await.commit().await
         }));
     }
-    until_queued(&store, 3).await;
+    until_waiting(&store, (1, 2)).await;
     a.commit().await.expect("a commits");
     for w in queued {
         w.await.expect("joins").expect("commits");
