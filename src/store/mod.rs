@@ -8,6 +8,7 @@
 //! SQLite a writer's writes are sent together, as one multi-statement execution, before its next
 //! read and before its commit (one hand-over to sqlx's SQLite thread instead of one per write).
 
+mod checkpoint;
 mod entities;
 pub mod event_log;
 pub mod idempotency;
@@ -112,6 +113,10 @@ pub struct WriteStats {
     writers: AtomicU64,
     commits: AtomicU64,
     sends: AtomicU64,
+    /// SQLite: passive checkpoints taken beside the writers (see [`checkpoint`]).
+    checkpoints: AtomicU64,
+    /// SQLite: checkpoints that copied the whole log in a write turn (the log starts over).
+    wal_restarts: AtomicU64,
 }
 
 impl WriteStats {
@@ -127,6 +132,14 @@ impl WriteStats {
     /// writer's writes go together before its next read and before its commit.
     pub fn sends(&self) -> u64 {
         self.sends.load(Ordering::SeqCst)
+    }
+
+    /// SQLite: `(checkpoints beside the writers, checkpoints that let the log start over)`.
+    pub fn checkpoints(&self) -> (u64, u64) {
+        (
+            self.checkpoints.load(Ordering::SeqCst),
+            self.wal_restarts.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -256,10 +269,14 @@ struct Queued {
 
 impl Queued {
     fn new(store: &Store) -> Self {
-        store.queued.fetch_add(1, Ordering::SeqCst);
+        Queued::with(store.queued.clone(), store.batch.clone())
+    }
+
+    fn with(queued: Arc<AtomicUsize>, batch: TurnLock<Batch>) -> Self {
+        queued.fetch_add(1, Ordering::SeqCst);
         Queued {
-            queued: store.queued.clone(),
-            batch: store.batch.clone(),
+            queued,
+            batch,
             done: false,
         }
     }
@@ -310,6 +327,18 @@ pub struct Store {
     stats: Arc<WriteStats>,
     /// See [`Store::planner_is_stable`] (read once, at connect).
     planner_stable: bool,
+    /// SQLite: pages the WAL may hold before the checkpoint task makes it start over.
+    wal_limit: Arc<AtomicU64>,
+    /// SQLite: the checkpoint task, stopped with the store.
+    checkpoints: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(task) = self.checkpoints.take() {
+            task.abort();
+        }
+    }
 }
 
 impl Store {
@@ -330,6 +359,9 @@ impl Store {
                     // Savepoint journals (every writer's turn has one) stay in memory instead of
                     // spilling to a temporary file past 64 KiB.
                     .pragma("temp_store", "memory")
+                    // Checkpoints are taken by a task of the store's, not inside a commit (see
+                    // `checkpoint`).
+                    .pragma("wal_autocheckpoint", "0")
             });
         let db = Database::connect(opts).await.map_err(AppError::internal)?;
         let backend = db.get_database_backend();
@@ -348,28 +380,46 @@ impl Store {
             listening: AtomicBool::new(false),
         });
         let stats = Arc::new(WriteStats::default());
+        let batch = TurnLock::new(Batch {
+            backend,
+            tx: None,
+            waiters: Vec::new(),
+            appended: 0,
+            head: None,
+            writers: 0,
+            waiting_since: None,
+            events: Vec::new(),
+            rollback_pending: false,
+            feed: feed.clone(),
+            committed: committed.clone(),
+            stats: stats.clone(),
+        });
+        let queued = Arc::new(AtomicUsize::new(0));
+        let wal_limit = Arc::new(AtomicU64::new(checkpoint::default_limit()));
+        let checkpoints = (backend == DbBackend::Sqlite).then(|| {
+            tokio::spawn(
+                checkpoint::Checkpoints {
+                    db: db.clone(),
+                    batch: batch.clone(),
+                    queued: queued.clone(),
+                    stats: stats.clone(),
+                    limit: wal_limit.clone(),
+                }
+                .run(),
+            )
+            .abort_handle()
+        });
         Ok(Store {
             db,
             backend,
-            batch: TurnLock::new(Batch {
-                backend,
-                tx: None,
-                waiters: Vec::new(),
-                appended: 0,
-                head: None,
-                writers: 0,
-                waiting_since: None,
-                events: Vec::new(),
-                rollback_pending: false,
-                feed: feed.clone(),
-                committed: committed.clone(),
-                stats: stats.clone(),
-            }),
-            queued: Arc::new(AtomicUsize::new(0)),
+            batch,
+            queued,
             committed,
             feed,
             stats,
             planner_stable,
+            wal_limit,
+            checkpoints,
         })
     }
 
@@ -449,6 +499,11 @@ impl Store {
     /// Writers committed and the commits that carried them, since start.
     pub fn write_stats(&self) -> &WriteStats {
         &self.stats
+    }
+
+    /// SQLite: pages the WAL may hold before it is made to start over (see [`checkpoint`]).
+    pub fn set_wal_limit(&self, pages: u64) {
+        self.wal_limit.store(pages.max(1), Ordering::SeqCst);
     }
 
     /// Writers in line for a write turn right now: `(requests, background)` (see [`turns`]).
