@@ -16,7 +16,8 @@
 
 use super::turns::{Turn, TurnLock};
 use super::{Batch, Queued, WriteStats};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
+use sea_orm::sqlx::{self, pool::PoolConnection, Sqlite};
+use sea_orm::DatabaseConnection;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,18 +33,12 @@ pub fn default_limit() -> u64 {
         .unwrap_or(4096)
 }
 
-/// `(log frames, frames copied)` after a passive checkpoint.
-async fn passive(db: &DatabaseConnection) -> Result<(i64, i64), DbErr> {
-    let row = db
-        .query_one_raw(Statement::from_string(
-            DbBackend::Sqlite,
-            "PRAGMA wal_checkpoint(PASSIVE)",
-        ))
+/// `(log frames, frames copied)` after a passive checkpoint on `conn`.
+async fn passive(conn: &mut PoolConnection<Sqlite>) -> Result<(i64, i64), sqlx::Error> {
+    let (_, log, copied): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(&mut **conn)
         .await?;
-    let Some(row) = row else {
-        return Ok((0, 0));
-    };
-    Ok((row.try_get_by_index(1)?, row.try_get_by_index(2)?))
+    Ok((log, copied))
 }
 
 /// What the checkpoint task shares with the store.
@@ -72,8 +67,10 @@ impl Checkpoints {
         }
     }
 
-    async fn pass(&self) -> Result<(), DbErr> {
-        let (log, _) = passive(&self.db).await?;
+    async fn pass(&self) -> Result<(), sqlx::Error> {
+        // A connection of its own, held throughout: the write turn below must not wait for one.
+        let mut conn = self.db.get_sqlite_connection_pool().acquire().await?;
+        let (log, _) = passive(&mut conn).await?;
         self.stats.checkpoints.fetch_add(1, Ordering::SeqCst);
         if log < self.limit.load(Ordering::SeqCst) as i64 {
             return Ok(());
@@ -81,7 +78,7 @@ impl Checkpoints {
         // The log is long. Copy what was committed during that pass (a short one), then the
         // rest while nobody writes, so the next writer starts the log over: what is left to copy
         // in the write turn is what was committed meanwhile, a few batches.
-        passive(&self.db).await?;
+        passive(&mut conn).await?;
         let queued = Queued::with(self.queued.clone(), self.batch.clone());
         let mut guard = self.batch.lock(Turn::Request).await;
         queued.arrived();
@@ -89,7 +86,7 @@ impl Checkpoints {
             tracing::warn!(error = ?e, "committing a write batch before a checkpoint failed");
             return Ok(());
         }
-        let (log, copied) = passive(&self.db).await?;
+        let (log, copied) = passive(&mut conn).await?;
         drop(guard);
         if copied >= log {
             self.stats.wal_restarts.fetch_add(1, Ordering::SeqCst);
