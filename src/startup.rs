@@ -187,6 +187,9 @@ impl Application {
         }
         let _ = self.shutdown_tx.send(true);
         let _ = self.feeder.await;
+        if let Err(e) = self.services.store.close().await {
+            tracing::warn!(error = ?e, "closing the store failed");
+        }
         Ok(())
     }
 }

@@ -30,7 +30,7 @@ use sea_orm::{
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use turns::{Turn, TurnGuard, TurnLock};
 
 pub use rows::{
@@ -40,6 +40,8 @@ pub use rows::{
 /// Channel used with `LISTEN/NOTIFY` on Postgres to announce committed events.
 pub const PG_CHANNEL: &str = "vm_workflow_events";
 const PG_WRITE_LOCK_KEY: i64 = 0x766d_776f_726b;
+/// SQLite: bytes the WAL file keeps when the log starts over (`journal_size_limit`).
+const WAL_FILE_LIMIT: u64 = 64 << 20;
 
 impl From<DbErr> for AppError {
     fn from(err: DbErr) -> Self {
@@ -115,8 +117,25 @@ pub struct WriteStats {
     sends: AtomicU64,
     /// SQLite: passive checkpoints taken beside the writers (see [`checkpoint`]).
     checkpoints: AtomicU64,
+    /// SQLite: write turns the checkpoint task took to copy the rest of a long log.
+    wal_turns: AtomicU64,
     /// SQLite: checkpoints that copied the whole log in a write turn (the log starts over).
     wal_restarts: AtomicU64,
+    /// SQLite: times the checkpoint task panicked (and was started again).
+    checkpoint_panics: Arc<AtomicU64>,
+}
+
+/// What the SQLite checkpoint task has done since start (see [`checkpoint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpointing {
+    /// Passive checkpoints taken beside the writers.
+    pub passes: u64,
+    /// Write turns taken to copy the rest of a long log.
+    pub turns: u64,
+    /// Of those, the ones that copied every frame: the log started over.
+    pub restarts: u64,
+    /// Times the task panicked and was started again.
+    pub panics: u64,
 }
 
 impl WriteStats {
@@ -134,12 +153,14 @@ impl WriteStats {
         self.sends.load(Ordering::SeqCst)
     }
 
-    /// SQLite: `(checkpoints beside the writers, checkpoints that let the log start over)`.
-    pub fn checkpoints(&self) -> (u64, u64) {
-        (
-            self.checkpoints.load(Ordering::SeqCst),
-            self.wal_restarts.load(Ordering::SeqCst),
-        )
+    /// SQLite: what the checkpoint task has done (see [`Checkpointing`]).
+    pub fn checkpoints(&self) -> Checkpointing {
+        Checkpointing {
+            passes: self.checkpoints.load(Ordering::SeqCst),
+            turns: self.wal_turns.load(Ordering::SeqCst),
+            restarts: self.wal_restarts.load(Ordering::SeqCst),
+            panics: self.checkpoint_panics.load(Ordering::SeqCst),
+        }
     }
 }
 
@@ -329,23 +350,18 @@ pub struct Store {
     planner_stable: bool,
     /// SQLite: pages the WAL may hold before the checkpoint task makes it start over.
     wal_limit: Arc<AtomicU64>,
-    /// SQLite: the checkpoint task, stopped with the store.
-    checkpoints: Option<tokio::task::AbortHandle>,
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        if let Some(task) = self.checkpoints.take() {
-            task.abort();
-        }
-    }
+    /// SQLite: stops the checkpoint task when set, or when the store is dropped.
+    stop_checkpoints: watch::Sender<bool>,
 }
 
 impl Store {
     /// Connect to `url` (`sqlite://…` or `postgres://…`).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, AppError> {
+        // SQLite: the checkpoint task holds a connection while it waits for a write turn, and
+        // the writer whose turn it is needs another one (see `checkpoint`).
+        let least = if url.starts_with("sqlite:") { 2 } else { 1 };
         let mut opts = ConnectOptions::new(url.to_string());
-        opts.max_connections(max_connections)
+        opts.max_connections(max_connections.max(least))
             .min_connections(1)
             .connect_timeout(Duration::from_secs(10))
             .acquire_timeout(Duration::from_secs(30))
@@ -362,6 +378,9 @@ impl Store {
                     // Checkpoints are taken by a task of the store's, not inside a commit (see
                     // `checkpoint`).
                     .pragma("wal_autocheckpoint", "0")
+                    // A log file that grew past this (a long reader held its frames) is cut
+                    // back when the log starts over.
+                    .pragma("journal_size_limit", WAL_FILE_LIMIT.to_string())
             });
         let db = Database::connect(opts).await.map_err(AppError::internal)?;
         let backend = db.get_database_backend();
@@ -396,19 +415,17 @@ impl Store {
         });
         let queued = Arc::new(AtomicUsize::new(0));
         let wal_limit = Arc::new(AtomicU64::new(checkpoint::default_limit()));
-        let checkpoints = (backend == DbBackend::Sqlite).then(|| {
-            tokio::spawn(
-                checkpoint::Checkpoints {
-                    db: db.clone(),
-                    batch: batch.clone(),
-                    queued: queued.clone(),
-                    stats: stats.clone(),
-                    limit: wal_limit.clone(),
-                }
-                .run(),
-            )
-            .abort_handle()
-        });
+        let (stop_checkpoints, stop) = watch::channel(false);
+        if backend == DbBackend::Sqlite {
+            checkpoint::Checkpoints {
+                db: db.clone(),
+                batch: batch.clone(),
+                queued: queued.clone(),
+                stats: stats.clone(),
+                limit: wal_limit.clone(),
+            }
+            .spawn(stop);
+        }
         Ok(Store {
             db,
             backend,
@@ -419,7 +436,7 @@ impl Store {
             stats,
             planner_stable,
             wal_limit,
-            checkpoints,
+            stop_checkpoints,
         })
     }
 
@@ -514,6 +531,30 @@ impl Store {
     /// Writers waiting for their turn right now.
     pub fn queued_writers(&self) -> usize {
         self.queued.load(Ordering::SeqCst)
+    }
+
+    /// On a graceful stop, once nothing writes any more: commit the open batch and, on SQLite,
+    /// stop the checkpoint task, copy the whole WAL into the database file and truncate the WAL
+    /// (the next start reads no log). The store stays usable.
+    pub async fn close(&self) -> Result<(), AppError> {
+        let _ = self.stop_checkpoints.send(true);
+        let mut guard = self.batch.lock(Turn::Request).await;
+        guard.flush().await?;
+        if self.backend == DbBackend::Sqlite {
+            let row = self
+                .db
+                .query_one_raw(Statement::from_string(
+                    DbBackend::Sqlite,
+                    "PRAGMA wal_checkpoint(TRUNCATE)",
+                ))
+                .await?;
+            let busy = row.and_then(|r| r.try_get_by_index::<i64>(0).ok());
+            if busy != Some(0) {
+                tracing::warn!("the WAL could not be emptied at shutdown: a reader was active");
+            }
+        }
+        drop(guard);
+        Ok(())
     }
 
     pub async fn ping(&self) -> Result<(), AppError> {

@@ -3,6 +3,7 @@
 mod helpers;
 mod ws_client;
 
+mod checkpoints;
 mod console;
 mod crash;
 mod http;

@@ -69,7 +69,7 @@ async fn quiet_store(backend: Backend) -> (TestApp, Arc<Store>, i64) {
 }
 
 /// A writer that appended the creation of brand `id`.
-async fn writer_with_brand(store: &Store, id: &str) -> WriteTx {
+pub(crate) async fn writer_with_brand(store: &Store, id: &str) -> WriteTx {
     let mut w = store.write().await.expect("writer");
     w.append(&format!("brand:{id}"), 0, &meta(), brand_created(id))
         .await
@@ -306,63 +306,6 @@ async fn requests_go_before_the_runtimes_waiting_writes(backend: Backend) {
         streams_after(&store, head).await,
         ["brand:pa", "brand:pr", "brand:pb1", "brand:pb2"],
         "the request first, then the background writers in their order"
-    );
-}
-
-/// SQLite: no checkpoint runs inside a commit (`wal_autocheckpoint = 0`); the store's task takes
-/// them beside the writers. SQLite starts the WAL over only when a write transaction begins with
-/// every frame copied, which passive checkpoints alone never see while a writer always has the
-/// batch open (here: one writer holds it across every pass). Once the WAL holds the store's limit
-/// of pages the task copies the rest in a write turn of its own, and the WAL stays bounded.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_wal_stays_bounded_with_checkpoints_outside_commits() {
-    let (app, store, _) = quiet_store(Backend::Sqlite).await;
-    assert_eq!(
-        store
-            .sqlite_pragma("wal_autocheckpoint")
-            .await
-            .expect("pragma")
-            .as_deref(),
-        Some("0")
-    );
-    store.set_wal_limit(64);
-    let wal = app.data_dir.join("test.sqlite3-wal");
-    let mut largest = 0;
-    for round in 0..40 {
-        let writers: Vec<_> = (0..50)
-            .map(|i| {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    writer_with_brand(&store, &format!("w{round}-{i}"))
-                        .await
-                        .commit()
-                        .await
-                })
-            })
-            .collect();
-        for w in writers {
-            w.await.expect("joins").expect("commits");
-        }
-        // A writer holds the batch open while the checkpoint task takes a pass.
-        let holder = writer_with_brand(&store, &format!("h{round}")).await;
-        // A read sends its writes: its write transaction is open in SQLite from here on.
-        holder.run_version("none").await.expect("read");
-        let passes = store.write_stats().checkpoints().0;
-        for _ in 0..500 {
-            if store.write_stats().checkpoints().0 > passes {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        holder.commit().await.expect("holder commits");
-        largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
-    }
-    let (passes, restarts) = store.write_stats().checkpoints();
-    assert!(passes >= 40, "{passes} checkpoints");
-    assert!(restarts >= 10, "the WAL started over {restarts} times");
-    assert!(
-        largest < 2 << 20,
-        "the WAL reached {largest} bytes with a limit of 64 pages"
     );
 }
 
