@@ -54,6 +54,11 @@ struct Args {
     /// Seconds to wait for any one transition before counting the run as failed.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Open the C clients' HTTP connections before the window (C concurrent `{ __typename }`
+    /// queries), as long-lived clients would have them: the first starts then measure the
+    /// server, not TCP and HTTP connection setup.
+    #[arg(long)]
+    warm_connections: bool,
     /// A free-form label copied into the JSON line (e.g. `sqlite-empty`).
     #[arg(long, default_value = "")]
     label: String,
@@ -636,6 +641,17 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    if args.warm_connections {
+        let calls: Vec<_> = (0..args.concurrency.max(1))
+            .map(|_| {
+                let gql = gql.clone();
+                tokio::spawn(async move { gql.call("{ __typename }", json!({})).await })
+            })
+            .collect();
+        for c in calls {
+            c.await?.context("warming a connection")?;
+        }
+    }
     measuring.store(true, Ordering::SeqCst);
 
     // The measured window.
@@ -820,6 +836,7 @@ async fn main() -> anyhow::Result<()> {
         "completed": all.completed,
         "concurrency": args.concurrency,
         "fanout": args.fanout,
+        "warm_connections": args.warm_connections,
         "elapsed_s": round3(secs),
         "runs_per_s": round3(runs_per_s),
         "events_per_s": round3(events_per_s),

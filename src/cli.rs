@@ -99,6 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .rebuild_projections()
                 .await
                 .map_err(AppError::into_anyhow)?;
+            store.close().await.map_err(AppError::into_anyhow)?;
             println!("rebuilt read models from {n} events");
             Ok(())
         }
@@ -151,6 +152,7 @@ async fn seed_history(
         .await
         .map_err(AppError::into_anyhow)?;
     let head = store.head_sequence().await.map_err(AppError::into_anyhow)?;
+    store.close().await.map_err(AppError::into_anyhow)?;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "seeded {} events ({} completed runs on {} threads) in {secs:.1} s ({:.0} events/s); the log now holds {head} events",

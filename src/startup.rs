@@ -100,6 +100,9 @@ fn build_runner(config: &Config) -> anyhow::Result<Arc<dyn StageRunner>> {
     }
 }
 
+/// Longest a graceful stop waits for the store to commit and empty its WAL.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
+
 pub struct Application {
     addr: SocketAddr,
     listener: TcpListener,
@@ -187,8 +190,12 @@ impl Application {
         }
         let _ = self.shutdown_tx.send(true);
         let _ = self.feeder.await;
-        if let Err(e) = self.services.store.close().await {
-            tracing::warn!(error = ?e, "closing the store failed");
+        // Bounded: a writer left over from a WebSocket the server no longer tracks could hold
+        // the write turn, and an emptying checkpoint waits for readers.
+        match tokio::time::timeout(CLOSE_TIMEOUT, self.services.store.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = ?e, "closing the store failed"),
+            Err(_) => tracing::warn!("closing the store took too long; stopping without it"),
         }
         Ok(())
     }

@@ -17,8 +17,8 @@
 //!   them, so a write turn taken for them is wasted. After such a turn the task waits 1, 2, 4 …
 //!   up to [`MAX_BACKOFF`] passes before it takes another, and warns when the log grows far past
 //!   its limit;
-//! - the task stops with the store (or at [`super::Store::close`]); if it panics it is logged,
-//!   counted and started again.
+//! - the task stops with the store (or at [`super::Store::close`], which waits for it); if it
+//!   panics it is logged, counted and started again.
 
 use super::turns::{Turn, TurnLock};
 use super::{Batch, Queued, WriteStats};
@@ -48,7 +48,7 @@ pub fn default_limit() -> u64 {
 }
 
 /// `(log frames, frames copied)` after a passive checkpoint on `conn`; `None` when SQLite could
-/// not run one (the database is not in WAL mode).
+/// not run one (another connection was checkpointing, or the database is not in WAL mode).
 async fn passive(conn: &mut PoolConnection<Sqlite>) -> Result<Option<(i64, i64)>, sqlx::Error> {
     let (_, log, copied): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
         .fetch_one(&mut **conn)
@@ -59,7 +59,7 @@ async fn passive(conn: &mut PoolConnection<Sqlite>) -> Result<Option<(i64, i64)>
 /// What one pass did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
-    /// The log is under its limit (or not in WAL mode).
+    /// The log is under its limit (or no checkpoint could run).
     Short,
     /// The log was long and is waiting for a write turn (backing off).
     Deferred,
@@ -114,8 +114,8 @@ impl Checkpoints {
                             skip = backoff;
                             backoff = (backoff * 2).min(MAX_BACKOFF);
                         }
-                        Pass::Restarted => backoff = 1,
-                        Pass::Deferred | Pass::Short => {}
+                        Pass::Restarted | Pass::Short => backoff = 1,
+                        Pass::Deferred => {}
                     }
                     if log < limit {
                         warned_at = 0;
@@ -177,20 +177,34 @@ impl Checkpoints {
     }
 }
 
+/// Longest pause before a task that keeps panicking is started again.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+
 /// Run the task `start` makes until it returns. One that panics is logged, counted in `panics`
-/// and started again after [`INTERVAL`]: checkpoints must not stop without a word.
+/// and started again, after [`INTERVAL`] and twice as long each time it panics again soon (up to
+/// [`MAX_RESTART_DELAY`]): checkpoints must not stop without a word, nor a broken task flood the
+/// log.
 async fn supervise<F, Fut>(mut start: F, panics: Arc<AtomicU64>)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut delay = INTERVAL;
     loop {
+        let started = tokio::time::Instant::now();
         match tokio::spawn(start()).await {
             Ok(()) => return,
             Err(e) if e.is_panic() => {
                 panics.fetch_add(1, Ordering::SeqCst);
-                tracing::error!("the WAL checkpoint task panicked; starting it again");
-                tokio::time::sleep(INTERVAL).await;
+                if started.elapsed() > MAX_RESTART_DELAY * 2 {
+                    delay = INTERVAL;
+                }
+                tracing::error!(
+                    restart_in_ms = delay.as_millis() as u64,
+                    "the WAL checkpoint task panicked; starting it again"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_RESTART_DELAY);
             }
             // Cancelled: the runtime is shutting down.
             Err(_) => return,
@@ -203,10 +217,11 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_task_that_panics_is_started_again() {
+    async fn a_task_that_panics_is_started_again_later_each_time() {
         let runs = Arc::new(AtomicU64::new(0));
         let panics = Arc::new(AtomicU64::new(0));
         let counted = runs.clone();
+        let started = std::time::Instant::now();
         supervise(
             move || {
                 let run = counted.fetch_add(1, Ordering::SeqCst);
@@ -221,5 +236,8 @@ mod tests {
         .await;
         assert_eq!(runs.load(Ordering::SeqCst), 3, "started three times");
         assert_eq!(panics.load(Ordering::SeqCst), 2, "two panics counted");
+        // Restarted after 100 ms, then after twice that: a task that keeps failing does not
+        // flood the log (a lower bound, which sleeping guarantees).
+        assert!(started.elapsed() >= INTERVAL * 3, "{:?}", started.elapsed());
     }
 }

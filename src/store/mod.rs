@@ -352,6 +352,8 @@ pub struct Store {
     wal_limit: Arc<AtomicU64>,
     /// SQLite: stops the checkpoint task when set, or when the store is dropped.
     stop_checkpoints: watch::Sender<bool>,
+    /// SQLite: the checkpoint task, awaited by [`Store::close`].
+    checkpoint_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Store {
@@ -416,7 +418,7 @@ impl Store {
         let queued = Arc::new(AtomicUsize::new(0));
         let wal_limit = Arc::new(AtomicU64::new(checkpoint::default_limit()));
         let (stop_checkpoints, stop) = watch::channel(false);
-        if backend == DbBackend::Sqlite {
+        let checkpoint_task = (backend == DbBackend::Sqlite).then(|| {
             checkpoint::Checkpoints {
                 db: db.clone(),
                 batch: batch.clone(),
@@ -424,8 +426,8 @@ impl Store {
                 stats: stats.clone(),
                 limit: wal_limit.clone(),
             }
-            .spawn(stop);
-        }
+            .spawn(stop)
+        });
         Ok(Store {
             db,
             backend,
@@ -437,6 +439,7 @@ impl Store {
             planner_stable,
             wal_limit,
             stop_checkpoints,
+            checkpoint_task: std::sync::Mutex::new(checkpoint_task),
         })
     }
 
@@ -534,10 +537,17 @@ impl Store {
     }
 
     /// On a graceful stop, once nothing writes any more: commit the open batch and, on SQLite,
-    /// stop the checkpoint task, copy the whole WAL into the database file and truncate the WAL
-    /// (the next start reads no log). The store stays usable.
+    /// stop the checkpoint task, copy the whole WAL into the database file and truncate it (the
+    /// next start reads no log). Call it last: the store still reads and writes afterwards, but
+    /// nothing checkpoints its WAL any more.
     pub async fn close(&self) -> Result<(), AppError> {
         let _ = self.stop_checkpoints.send(true);
+        // Before taking a turn: a pass of the task's may be waiting for one. Once it has ended,
+        // no other checkpoint runs, and the one below cannot find SQLite's checkpointer busy.
+        let task = crate::sync::lock(&self.checkpoint_task).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
         let mut guard = self.batch.lock(Turn::Request).await;
         guard.flush().await?;
         if self.backend == DbBackend::Sqlite {
@@ -550,7 +560,10 @@ impl Store {
                 .await?;
             let busy = row.and_then(|r| r.try_get_by_index::<i64>(0).ok());
             if busy != Some(0) {
-                tracing::warn!("the WAL could not be emptied at shutdown: a reader was active");
+                tracing::warn!(
+                    "the WAL could not be emptied at shutdown (a reader or another process \
+                     held it); the next start replays it"
+                );
             }
         }
         drop(guard);

@@ -3,7 +3,7 @@
 use crate::helpers::{Backend, Options, TestApp};
 use crate::store::writer_with_brand;
 use sea_orm::sqlx::{Connection as _, SqliteConnection};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use vm_workflow::store::Store;
@@ -40,7 +40,7 @@ async fn write_round(store: &Arc<Store>, tag: &str, n: usize) {
     }
 }
 
-fn file_len(path: &PathBuf) -> u64 {
+fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
@@ -123,6 +123,16 @@ async fn a_long_reader_makes_the_checkpoint_task_back_off() {
         .await
         .expect("read");
     assert!(events >= 5);
+    // A pass set off before the reader came may still find everything copied: wait for a write
+    // turn taken with the reader there before counting.
+    let before = store.write_stats().checkpoints().turns;
+    let mut round = 0;
+    while store.write_stats().checkpoints().turns == before {
+        write_round(&store, &format!("first{round}"), 5).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        round += 1;
+        assert!(round < 2000, "no checkpoint turn was taken");
+    }
     let start = store.write_stats().checkpoints();
     let mut round = 0;
     while store.write_stats().checkpoints().passes < start.passes + 40 {
@@ -173,4 +183,24 @@ async fn a_graceful_stop_empties_the_wal() {
         store.head_sequence().await.expect("the store still reads") >= head,
         "nothing was lost"
     );
+}
+
+/// The offline commands (`seed-history`, `rebuild-projections`) end the same way: their writes
+/// are in the database file, not left in a WAL for the next start to replay.
+#[test]
+fn seeding_history_leaves_no_wal_behind() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vm-workflow"))
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .args(["seed-history", "--events", "2000"])
+        .output()
+        .expect("seed-history runs");
+    assert!(out.status.success(), "{out:?}");
+    let db = tmp.path().join("vm-workflow.sqlite3");
+    assert!(
+        file_len(&db) > 100_000,
+        "the events are in the database file"
+    );
+    assert_eq!(file_len(&tmp.path().join("vm-workflow.sqlite3-wal")), 0);
 }
