@@ -48,6 +48,10 @@ pub struct Config {
     /// Seconds between server pings on an idle WebSocket (`ping` / legacy `ka`).
     #[arg(long, env = "VM_WS_PING_INTERVAL_SECONDS", default_value_t = 15)]
     pub ws_ping_interval_seconds: u64,
+    /// Seconds a write to a WebSocket may take before the connection is closed: a client that
+    /// stops reading would otherwise hold its connection and task for ever.
+    #[arg(long, env = "VM_WS_WRITE_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub ws_write_timeout_seconds: u64,
     /// Active subscriptions allowed on one WebSocket connection.
     #[arg(long, env = "VM_WS_MAX_OPERATIONS", default_value_t = 100)]
     pub ws_max_operations: usize,
@@ -87,6 +91,7 @@ impl Config {
             fault_injection: None,
             ws_init_timeout_seconds: 10,
             ws_ping_interval_seconds: 15,
+            ws_write_timeout_seconds: 30,
             ws_max_operations: 100,
             max_body_bytes: 1_048_576,
             db_max_connections: 16,

@@ -113,6 +113,8 @@ pub struct Application {
     pub services: Arc<Services>,
     /// Subscription renderings shared by WebSocket subscribers (see `graphql::fanout`).
     pub renders: Arc<Renders>,
+    /// WebSocket connections open right now.
+    pub ws_connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Application {
@@ -146,12 +148,15 @@ impl Application {
         });
         let schema = build_schema(Some(services.clone()), Some(bus));
         let renders = Arc::new(Renders::default());
+        let ws_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let state = HttpState {
             schema,
             ws: WsSettings {
                 init_timeout: Duration::from_secs(config.ws_init_timeout_seconds),
                 ping_interval: Duration::from_secs(config.ws_ping_interval_seconds.max(1)),
+                write_timeout: Duration::from_secs(config.ws_write_timeout_seconds.max(1)),
                 max_operations: config.ws_max_operations.max(1),
+                open_connections: ws_connections.clone(),
                 max_message_bytes: config.max_body_bytes,
             },
             renders: renders.clone(),
@@ -169,6 +174,7 @@ impl Application {
             feeder,
             services,
             renders,
+            ws_connections,
         })
     }
 

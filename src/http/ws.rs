@@ -39,7 +39,12 @@ pub const READ_BUFFER_BYTES: usize = 4096;
 pub struct WsSettings {
     pub init_timeout: Duration,
     pub ping_interval: Duration,
+    /// A write (with its flush) that takes longer ends the connection: the client stopped
+    /// reading.
+    pub write_timeout: Duration,
     pub max_operations: usize,
+    /// WebSocket connections open right now, shared by all of them.
+    pub open_connections: Arc<std::sync::atomic::AtomicUsize>,
     /// Largest client message (and frame) accepted; a larger one closes the connection with 1009.
     pub max_message_bytes: usize,
 }
@@ -94,6 +99,7 @@ pub async fn serve(
         session: None,
         max_operations: settings.max_operations,
     };
+    let _open = Open::count(&settings.open_connections);
     let mut ops = Operations::new();
     let init_deadline = tokio::time::sleep(settings.init_timeout);
     tokio::pin!(init_deadline);
@@ -140,7 +146,7 @@ pub async fn serve(
             Reply::Send(msg) => msg,
             Reply::Close(frame) => {
                 drop(ops);
-                if socket.send(frame).await.is_ok() {
+                if written(settings.write_timeout, socket.send(frame)).await {
                     // We close: keep the socket a moment so the client reads our close frame.
                     // Closing a socket with unread input (the rest of an oversized message,
                     // say) sends a TCP reset, which can discard the frame before it is read.
@@ -149,7 +155,7 @@ pub async fn serve(
                 return;
             }
         };
-        if socket.feed(msg).await.is_err() {
+        if !written(settings.write_timeout, socket.feed(msg)).await {
             return;
         }
         // Whatever else is ready goes out with it in one write: the transitions of one commit
@@ -158,16 +164,47 @@ pub async fn serve(
             let Some(Some((id, item))) = ops.next().now_or_never() else {
                 break;
             };
-            if socket
-                .feed(conn.op_message(&id, item, &mut ops))
-                .await
-                .is_err()
-            {
+            let msg = conn.op_message(&id, item, &mut ops);
+            if !written(settings.write_timeout, socket.feed(msg)).await {
                 return;
             }
         }
-        if socket.flush().await.is_err() {
+        if !written(settings.write_timeout, socket.flush()).await {
             return;
+        }
+    }
+}
+
+/// Counts a connection in [`WsSettings::open_connections`] while it lives.
+struct Open(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Open {
+    fn count(open: &Arc<std::sync::atomic::AtomicUsize>) -> Open {
+        open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Open(open.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Whether `write` finished, and within `limit`. One that takes longer means the client stopped
+/// reading (its socket's buffers are full): the connection ends, with its subscriptions.
+async fn written<E>(
+    limit: Duration,
+    write: impl std::future::Future<Output = Result<(), E>>,
+) -> bool {
+    match tokio::time::timeout(limit, write).await {
+        Ok(result) => result.is_ok(),
+        Err(_) => {
+            tracing::info!(
+                seconds = limit.as_secs_f64(),
+                "a WebSocket client read nothing for too long; closing its connection"
+            );
+            false
         }
     }
 }

@@ -97,6 +97,7 @@ pub struct Options {
     pub database_url: Option<String>,
     pub ws_init_timeout_seconds: u64,
     pub ws_ping_interval_seconds: u64,
+    pub ws_write_timeout_seconds: u64,
     pub ws_max_operations: usize,
     /// The server's default unless set.
     pub max_body_bytes: Option<usize>,
@@ -114,6 +115,7 @@ impl Options {
             database_url: None,
             ws_init_timeout_seconds: 10,
             ws_ping_interval_seconds: 15,
+            ws_write_timeout_seconds: 30,
             ws_max_operations: 100,
             max_body_bytes: None,
         }
@@ -126,6 +128,8 @@ pub struct TestApp {
     pub services: Arc<Services>,
     /// The server's shared subscription renderings (`None` on an attached handle).
     pub renders: Option<Arc<Renders>>,
+    /// The server's count of open WebSocket connections (`None` on an attached handle).
+    pub ws_connections: Option<Arc<std::sync::atomic::AtomicUsize>>,
     pub data_dir: PathBuf,
     pub database_url: String,
     _tmp: Option<tempfile::TempDir>,
@@ -166,6 +170,7 @@ impl TestApp {
         config.ws_init_timeout_seconds = opts.ws_init_timeout_seconds;
         config.ws_ping_interval_seconds = opts.ws_ping_interval_seconds;
         config.ws_max_operations = opts.ws_max_operations;
+        config.ws_write_timeout_seconds = opts.ws_write_timeout_seconds;
         if let Some(limit) = opts.max_body_bytes {
             config.max_body_bytes = limit;
         }
@@ -180,6 +185,7 @@ impl TestApp {
         let url = format!("http://{}", app.addr());
         let services = app.services.clone();
         let renders = app.renders.clone();
+        let ws_connections = app.ws_connections.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             app.run_until(async {
@@ -193,6 +199,7 @@ impl TestApp {
             client: reqwest::Client::new(),
             services,
             renders: Some(renders),
+            ws_connections: Some(ws_connections),
             data_dir,
             database_url,
             _tmp: tmp,
@@ -208,6 +215,7 @@ impl TestApp {
             client: reqwest::Client::new(),
             services,
             renders: None,
+            ws_connections: None,
             data_dir: PathBuf::new(),
             database_url: String::new(),
             _tmp: None,

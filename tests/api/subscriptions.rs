@@ -6,6 +6,7 @@ use crate::helpers::{Backend, Options, TestApp};
 use crate::ws_client::{Incoming, Protocol, WsClient};
 use futures::StreamExt;
 use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use vm_workflow::bus::EventBus;
 use vm_workflow::graphql::fanout::Renders;
@@ -714,6 +715,40 @@ async fn ws_server_pings_idle_connections() {
         .await;
     let d = ws.next_data("e").await;
     assert_eq!(d["workflowRunEvents"]["type"], "WorkflowRunQueued");
+}
+
+/// A client that stops reading fills its socket's buffers, then the server's, and the server's
+/// write waits. After the write timeout the server closes the connection instead of holding it
+/// and its subscriptions for ever.
+#[tokio::test]
+async fn ws_closes_a_connection_whose_client_stopped_reading() {
+    const SUBS: usize = 1000;
+    let app = TestApp::spawn_with(sqlite_with(|o| {
+        o.ws_write_timeout_seconds = 1;
+        o.ws_max_operations = SUBS;
+    }))
+    .await;
+    let open = app.ws_connections.clone().expect("a spawned app");
+    let thread = app.thread().await;
+    let run = app.start_run_id(&thread, "content_calendar").await;
+    app.approve_until_done(&run).await;
+    let mut ws = WsClient::connect_init(&app.ws_url(), Protocol::Transport).await;
+    // Replays of the run's events, ~10 MB: more than the two sockets' buffers hold (~4.5 MB on
+    // loopback), to a client that reads nothing from here on.
+    for i in 0..SUBS {
+        ws.subscribe(&format!("s{i}"), EVENTS_SUB, json!({ "r": run, "a": 0 }))
+            .await;
+    }
+    assert_eq!(open.load(Ordering::SeqCst), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while open.load(Ordering::SeqCst) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection of a client that reads nothing is still open after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(ws);
 }
 
 #[tokio::test]
