@@ -12,6 +12,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::stream::BoxStream;
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::StreamMap;
@@ -44,7 +45,7 @@ pub struct WsSettings {
     pub write_timeout: Duration,
     pub max_operations: usize,
     /// WebSocket connections open right now, shared by all of them.
-    pub open_connections: Arc<std::sync::atomic::AtomicUsize>,
+    pub open_connections: Arc<AtomicUsize>,
     /// Largest client message (and frame) accepted; a larger one closes the connection with 1009.
     pub max_message_bytes: usize,
 }
@@ -176,18 +177,18 @@ pub async fn serve(
 }
 
 /// Counts a connection in [`WsSettings::open_connections`] while it lives.
-struct Open(Arc<std::sync::atomic::AtomicUsize>);
+struct Open(Arc<AtomicUsize>);
 
 impl Open {
-    fn count(open: &Arc<std::sync::atomic::AtomicUsize>) -> Open {
-        open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    fn count(open: &Arc<AtomicUsize>) -> Open {
+        open.fetch_add(1, Ordering::SeqCst);
         Open(open.clone())
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -92,9 +92,7 @@ impl Checkpoints {
         let (mut skip, mut backoff): (u32, u32) = (0, 1);
         let mut warned_at: i64 = 0;
         loop {
-            if *stop.borrow() {
-                return;
-            }
+            // A stop sent at any time (during a pass too) makes `changed` return at once.
             tokio::select! {
                 _ = tokio::time::sleep(INTERVAL) => {}
                 _ = stop.changed() => return,
