@@ -200,6 +200,33 @@ const SAVEPOINT: &str = "SAVEPOINT vm_writer";
 const RELEASE: &str = "RELEASE SAVEPOINT vm_writer";
 const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT vm_writer; RELEASE SAVEPOINT vm_writer";
 
+/// How the store connects: `max_connections` at most, one kept open.
+fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
+    let mut opts = ConnectOptions::new(url.to_string());
+    opts.max_connections(max_connections)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(30))
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|o| {
+            o.create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+                // Savepoint journals (every writer's turn has one) stay in memory instead of
+                // spilling to a temporary file past 64 KiB.
+                .pragma("temp_store", "memory")
+                // Checkpoints are taken by a task of the store's, not inside a commit (see
+                // `checkpoint`).
+                .pragma("wal_autocheckpoint", "0")
+                // A log file that grew past this (a long reader held its frames) is cut
+                // back when the log starts over.
+                .pragma("journal_size_limit", WAL_FILE_LIMIT.to_string())
+        });
+    opts
+}
+
 impl Batch {
     /// Roll back to the savepoint of a writer that left without committing (if one did). On
     /// failure the batch is abandoned: nothing else can be trusted to be in it.
@@ -338,6 +365,9 @@ async fn flush_if_idle(batch: TurnLock<Batch>, queued: Arc<AtomicUsize>) {
 #[derive(Debug)]
 pub struct Store {
     db: DatabaseConnection,
+    /// Where writes go: on SQLite a connection of their own (see [`Store::connect`]), on
+    /// Postgres the pool.
+    writer: DatabaseConnection,
     backend: DbBackend,
     batch: TurnLock<Batch>,
     /// Writers waiting for the batch lock.
@@ -362,30 +392,21 @@ impl Store {
         // SQLite: the checkpoint task holds a connection while it waits for a write turn, and
         // the writer whose turn it is needs another one (see `checkpoint`).
         let least = if url.starts_with("sqlite:") { 2 } else { 1 };
-        let mut opts = ConnectOptions::new(url.to_string());
-        opts.max_connections(max_connections.max(least))
-            .min_connections(1)
-            .connect_timeout(Duration::from_secs(10))
-            .acquire_timeout(Duration::from_secs(30))
-            .sqlx_logging(false)
-            .map_sqlx_sqlite_opts(|o| {
-                o.create_if_missing(true)
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal)
-                    .busy_timeout(Duration::from_secs(10))
-                    .foreign_keys(true)
-                    // Savepoint journals (every writer's turn has one) stay in memory instead of
-                    // spilling to a temporary file past 64 KiB.
-                    .pragma("temp_store", "memory")
-                    // Checkpoints are taken by a task of the store's, not inside a commit (see
-                    // `checkpoint`).
-                    .pragma("wal_autocheckpoint", "0")
-                    // A log file that grew past this (a long reader held its frames) is cut
-                    // back when the log starts over.
-                    .pragma("journal_size_limit", WAL_FILE_LIMIT.to_string())
-            });
-        let db = Database::connect(opts).await.map_err(AppError::internal)?;
+        let db = Database::connect(connect_options(url, max_connections.max(least)))
+            .await
+            .map_err(AppError::internal)?;
         let backend = db.get_database_backend();
+        // SQLite: every write goes through one connection of its own, kept open. A connection
+        // drops its page cache whenever another one has written since its last transaction;
+        // with writers taking turns on pool connections every turn read its pages again from
+        // the file (BENCHMARKS.md, "One writer connection").
+        let writer = if backend == DbBackend::Sqlite {
+            let mut opts = connect_options(url, 1);
+            opts.idle_timeout(None).max_lifetime(None);
+            Database::connect(opts).await.map_err(AppError::internal)?
+        } else {
+            db.clone()
+        };
         let planner_stable = backend != DbBackend::Sqlite || planner_is_stable(&db).await;
         if !planner_stable {
             tracing::warn!(
@@ -430,6 +451,7 @@ impl Store {
         });
         Ok(Store {
             db,
+            writer,
             backend,
             batch,
             queued,
@@ -593,7 +615,7 @@ impl Store {
         let mut guard = self.batch.lock(turn).await;
         queued.arrived();
         if guard.tx.is_none() {
-            let tx = self.db.begin().await?;
+            let tx = self.writer.begin().await?;
             if self.is_postgres() {
                 tx.query_one_raw(Statement::from_string(
                     DbBackend::Postgres,
@@ -979,6 +1001,57 @@ impl Drop for WriteTx {
                     tracing::error!(error = ?e, "committing a write batch failed");
                 }
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On SQLite every write turn runs on the same connection, whatever the readers do: its
+    /// page cache stays valid from one turn to the next (a connection's cache is dropped when
+    /// another connection wrote). A temporary table lives on one connection only, so a turn
+    /// that sees the one an earlier turn made ran on the same connection.
+    #[tokio::test]
+    async fn sqlite_write_turns_share_one_connection() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("w.sqlite3").display()
+        );
+        let store = Store::connect(&url, 4).await.expect("connect");
+        store.migrate().await.expect("migrate");
+        let w = store.write().await.expect("writer");
+        w.conn()
+            .await
+            .expect("conn")
+            .execute_unprepared("CREATE TEMP TABLE writer_mark (x INTEGER)")
+            .await
+            .expect("mark the writer's connection");
+        w.commit().await.expect("commit");
+        for turn in 0..6 {
+            // Readers open every connection of the pool, then give them back.
+            let readers: Vec<_> = futures::future::join_all((0..4).map(|_| store.conn().begin()))
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()
+                .expect("readers");
+            drop(readers);
+            let w = store.write().await.expect("writer");
+            let seen = w
+                .conn()
+                .await
+                .expect("conn")
+                .query_one_raw(Statement::from_string(
+                    DbBackend::Sqlite,
+                    "SELECT COUNT(*) FROM temp.sqlite_master WHERE name = 'writer_mark'",
+                ))
+                .await
+                .expect("look")
+                .and_then(|r| r.try_get_by_index::<i64>(0).ok());
+            w.commit().await.expect("commit");
+            assert_eq!(seen, Some(1), "write turn {turn} ran on another connection");
         }
     }
 }
