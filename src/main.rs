@@ -1,5 +1,11 @@
 use clap::Parser;
 
+/// mimalloc instead of glibc's allocator: the server allocates and frees small buffers on two
+/// kinds of threads (tokio's and sqlx's SQLite workers); glibc's malloc/free/consolidate were
+/// ~12 % of its CPU under load (BENCHMARKS.md, "The allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = vm_workflow::cli::Cli::parse();
