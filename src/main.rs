@@ -2,7 +2,7 @@ use clap::Parser;
 
 /// mimalloc instead of glibc's allocator: the server allocates and frees small buffers on two
 /// kinds of threads (tokio's and sqlx's SQLite workers); glibc's malloc/free/consolidate were
-/// ~12 % of its CPU under load (BENCHMARKS.md, "The allocator").
+/// ~12 % of its CPU under load (BENCHMARKS.md, "One writer connection, and mimalloc").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
