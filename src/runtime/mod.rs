@@ -95,18 +95,22 @@ impl Runtime {
             let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.claim(&owner).await {
-                Ok(Some(claimed)) => {
-                    let span = tracing::info_span!("run", run_id = %claimed.run_id, worker = index);
-                    self.drive_claimed(&owner, claimed, &mut shutdown)
-                        .instrument(span)
-                        .await;
-                }
+            let claimed = match self.claim(&owner).await {
+                Ok(Some(claimed)) => Some(claimed),
                 Ok(None) => {
-                    tokio::select! {
-                        _ = &mut notified => {}
-                        _ = tokio::time::sleep(self.config.poll_interval) => {}
-                        _ = shutdown.changed() => {}
+                    // Idle: in line for a run a request makes runnable (`service::handoff`),
+                    // besides the wake-up and the poll.
+                    let handoffs = &self.services.handoffs;
+                    let mut ticket = handoffs.wait(&owner, self.config.lease_seconds);
+                    let handed = tokio::select! {
+                        run = &mut ticket.run => Some(run.ok()),
+                        _ = &mut notified => None,
+                        _ = tokio::time::sleep(self.config.poll_interval) => None,
+                        _ = shutdown.changed() => None,
+                    };
+                    match handed {
+                        Some(run) => run,
+                        None => handoffs.withdraw(ticket).await,
                     }
                 }
                 Err(e) => {
@@ -115,7 +119,22 @@ impl Runtime {
                         _ = tokio::time::sleep(self.config.poll_interval) => {}
                         _ = shutdown.changed() => {}
                     }
+                    None
                 }
+            };
+            if let Some(claimed) = claimed {
+                if *shutdown.borrow() {
+                    // Handed over as the runtime stops: give it back to whoever runs next.
+                    let store = &self.services.store;
+                    if let Err(e) = store.release_lease(&claimed.run_id, &owner).await {
+                        tracing::warn!(error = ?e, "could not release lease");
+                    }
+                    return;
+                }
+                let span = tracing::info_span!("run", run_id = %claimed.run_id, worker = index);
+                self.drive_claimed(&owner, claimed, &mut shutdown)
+                    .instrument(span)
+                    .await;
             }
         }
     }

@@ -1,5 +1,6 @@
 //! Use cases: load → decide → append + project in one transaction → commit → wake.
 
+pub mod handoff;
 pub mod runs;
 pub mod workspace;
 
@@ -116,6 +117,8 @@ pub struct Services {
     pub wake: Arc<Notify>,
     pub runs: RunCache,
     pub threads: ThreadCache,
+    /// Idle workers, for requests that make a run runnable (see [`handoff`]).
+    pub handoffs: handoff::HandOffs,
 }
 
 impl Services {
@@ -133,6 +136,7 @@ impl Services {
             wake: Arc::new(Notify::new()),
             runs: RunCache::default(),
             threads: ThreadCache::default(),
+            handoffs: handoff::HandOffs::default(),
         }
     }
 }

@@ -152,6 +152,7 @@ impl Services {
             .await?;
         let state =
             state.ok_or_else(|| AppError::internal(anyhow::anyhow!("queued run not projected")))?;
+        let handed = self.hand_off(&mut w, &state).await?;
         let outcome = RunOutcome {
             run_id: run_id.clone(),
             resume_applied: false,
@@ -171,7 +172,8 @@ impl Services {
         if committed.is_ok() {
             // Before the files are awaited: the runtime may step the run meanwhile, and its
             // newer copy must not be replaced by this one.
-            self.runs.put(&state);
+            self.runs
+                .put(handed.as_ref().map_or(&state, |h| &h.stepped.0));
         }
         let written = files.await;
         if let Err(e) = committed {
@@ -187,7 +189,10 @@ impl Services {
             Err(e) => tracing::error!(run_id = %run_id, error = ?e, "writing plan.json stopped"),
             Ok(Ok(())) => {}
         }
-        self.wake.notify_one();
+        match handed {
+            Some(handed) => self.give(handed).await,
+            None => self.wake.notify_one(),
+        }
         Ok(outcome)
     }
 
@@ -237,6 +242,11 @@ impl Services {
             causation_id: Some(state.run.last_event_id.clone()),
         };
         let state = self.append_run(&mut w, state, &meta, events).await?;
+        let handed = if state.run.status.is_runnable() && !before.run.status.is_runnable() {
+            self.hand_off(&mut w, &state).await?
+        } else {
+            None
+        };
         let outcome = RunOutcome {
             run_id: run_id.to_string(),
             resume_applied,
@@ -245,7 +255,10 @@ impl Services {
         };
         w.remember(&idem, &outcome).await?;
         w.commit().await?;
-        self.after_run_change(&before, &state).await;
+        match handed {
+            Some(handed) => self.give(handed).await,
+            None => self.after_run_change(&before, &state).await,
+        }
         Ok(outcome)
     }
 
@@ -450,6 +463,44 @@ impl Services {
         }))
     }
 
+    /// In a turn that made `state` runnable, with a worker idle: lease the run to that worker
+    /// and take the steps its claim would take (see [`super::handoff`]). What to give it once
+    /// the turn commits; nothing to give when no worker is idle (the run waits in the queue).
+    async fn hand_off(
+        &self,
+        w: &mut WriteTx,
+        state: &RunState,
+    ) -> Result<Option<HandedOff>, AppError> {
+        let Some(worker) = self.handoffs.take() else {
+            return Ok(None);
+        };
+        w.lease_run(&state.run.id, &worker.owner, worker.lease_seconds)
+            .await?;
+        let stepped = self
+            .append_steps(w, state.clone(), Vec::new(), true)
+            .await?;
+        Ok(Some(HandedOff { worker, stepped }))
+    }
+
+    /// After the turn that handed a run off committed: keep its state and give it to its worker;
+    /// a worker that has gone meanwhile (the runtime stopping) gives the lease back.
+    async fn give(&self, handed: HandedOff) {
+        let HandedOff { worker, stepped } = handed;
+        self.runs.put(&stepped.0);
+        let run_id = stepped.0.run.id.clone();
+        let owner = worker.owner.clone();
+        let claimed = Claimed {
+            run_id: run_id.clone(),
+            stepped: Some(stepped),
+        };
+        if !worker.give(claimed) {
+            if let Err(e) = self.store.release_lease(&run_id, &owner).await {
+                tracing::warn!(run_id = %run_id, error = ?e, "could not release lease");
+            }
+            self.wake.notify_one();
+        }
+    }
+
     /// Append `events` (if any), then every following step that needs no stage work (start, gate,
     /// completion) and, with `start_next`, the start of the next stage attempt.
     async fn append_steps(
@@ -502,6 +553,12 @@ impl Claimed {
             stepped: None,
         }
     }
+}
+
+/// A run leased to an idle worker in a request's turn, and the steps that turn took.
+struct HandedOff {
+    worker: super::handoff::Taken,
+    stepped: (RunState, Option<(String, u32)>),
 }
 
 /// The attempt a batch of events starts, if any.

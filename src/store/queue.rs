@@ -91,6 +91,31 @@ impl Store {
 }
 
 impl WriteTx {
+    /// Lease a run this same turn made runnable to `owner` until `lease_seconds` from now (see
+    /// `service::handoff`): its queue row is this turn's own, and no other claim can come
+    /// between while the turn holds the write lock, so no compare-and-set is needed.
+    pub async fn lease_run(
+        &self,
+        run_id: &str,
+        owner: &str,
+        lease_seconds: f64,
+    ) -> Result<(), AppError> {
+        self.exec(
+            &run_queue::Entity::update_many()
+                .col_expr(
+                    run_queue::Column::LeaseOwner,
+                    Expr::value(owner.to_string()),
+                )
+                .col_expr(
+                    run_queue::Column::LeaseUntil,
+                    Expr::value(time::after_seconds(lease_seconds)),
+                )
+                .filter(run_queue::Column::RunId.eq(run_id))
+                .into_query(),
+        )
+        .await
+    }
+
     /// Claim the oldest claimable run for `owner` until `lease_seconds` from now: one
     /// compare-and-set statement (`UPDATE … WHERE run_id = (oldest claimable) AND still claimable
     /// RETURNING`), atomic on its own on both backends, so two workers never get the same run; a

@@ -419,6 +419,58 @@ async fn complete_task_by_hand(backend: Backend) {
     assert_eq!(app.head().await, head, "completing twice is a no-op");
 }
 
+/// Wait until all `workers` of the app's runtime wait in line for a handed-off run.
+async fn until_workers_idle(app: &TestApp, workers: usize) {
+    for _ in 0..1000 {
+        if app.services.handoffs.idle() >= workers {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!(
+        "the workers never went idle: {}",
+        app.services.handoffs.idle()
+    );
+}
+
+/// A start or an approval made with a worker idle leases the run to that worker and starts its
+/// next stage attempt in the request's own write turn: a Foundation run takes 8 write turns (a
+/// start, 4 stage completions, 3 approvals) instead of 12 (a worker's claim for each stage),
+/// and ends as it always did.
+async fn requests_hand_runs_to_idle_workers(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let thread = app.thread().await;
+    let workers = 4;
+    until_workers_idle(&app, workers).await;
+    let (writers_before, _) = app.services.store.write_stats().get();
+    let run = app.start_run_id(&thread, "content_calendar").await;
+    for _ in 0..3 {
+        app.wait_status(&run, &["WAITING_APPROVAL"]).await;
+        until_workers_idle(&app, workers).await;
+        let approved = app.approve(&run, None).await;
+        assert_eq!(approved["resumeApplied"], true, "{approved}");
+    }
+    let done = app.wait_status(&run, &["COMPLETED"]).await;
+    until_workers_idle(&app, workers).await;
+    let (writers_after, _) = app.services.store.write_stats().get();
+    // 8, or 9 if a slow stage made a lease renewal; 12 when workers claim runs themselves.
+    let turns = writers_after - writers_before;
+    assert!(
+        (8..=9).contains(&turns),
+        "{turns} write turns for one run with idle workers"
+    );
+    assert_eq!(done["stages"].as_array().map(Vec::len), Some(4), "{done}");
+    let types = app.event_types(&run).await;
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| *t == "WorkflowRunStageCompleted")
+            .count(),
+        4,
+        "{types:?}"
+    );
+}
+
 crate::both_backends!(
     any_mode_falls_back_to_foundation_and_completes_on_approvals,
     runs_on_one_thread_are_isolated,
@@ -429,4 +481,5 @@ crate::both_backends!(
     concurrent_approvals_grant_once,
     native_profiles_complete_without_fallback,
     complete_task_by_hand,
+    requests_hand_runs_to_idle_workers,
 );
