@@ -88,43 +88,49 @@ impl Runtime {
     async fn worker(self: Arc<Self>, index: usize, mut shutdown: watch::Receiver<bool>) {
         let wake = self.services.wake.clone();
         let owner = format!("{}-{index}", self.owner);
+        // A run claimed by the turn that left the previous one at rest.
+        let mut pending: Option<Claimed> = None;
         loop {
-            if *shutdown.borrow() {
+            if *shutdown.borrow() && pending.is_none() {
                 return;
             }
             let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let claimed = match self.claim(&owner).await {
-                Ok(Some(claimed)) => Some(claimed),
-                Ok(None) => {
-                    // Idle: in line for a run a request makes runnable (`service::handoff`),
-                    // besides the wake-up and the poll.
-                    let handoffs = &self.services.handoffs;
-                    let mut ticket = handoffs.wait(&owner, self.config.lease_seconds);
-                    let handed = tokio::select! {
-                        run = &mut ticket.run => Some(run.ok()),
-                        _ = &mut notified => None,
-                        _ = tokio::time::sleep(self.config.poll_interval) => None,
-                        _ = shutdown.changed() => None,
-                    };
-                    match handed {
-                        Some(run) => run,
-                        None => handoffs.withdraw(ticket).await,
+            let claimed = match pending.take() {
+                Some(next) => Some(next),
+                None => match self.claim(&owner).await {
+                    Ok(Some(claimed)) => Some(claimed),
+                    Ok(None) => {
+                        // Idle: in line for a run a request makes runnable (`service::handoff`),
+                        // besides the wake-up and the poll.
+                        let handoffs = &self.services.handoffs;
+                        let mut ticket = handoffs.wait(&owner, self.config.lease_seconds);
+                        let handed = tokio::select! {
+                            run = &mut ticket.run => Some(run.ok()),
+                            _ = &mut notified => None,
+                            _ = tokio::time::sleep(self.config.poll_interval) => None,
+                            _ = shutdown.changed() => None,
+                        };
+                        match handed {
+                            Some(run) => run,
+                            None => handoffs.withdraw(ticket).await,
+                        }
                     }
-                }
-                Err(e) => {
-                    tracing::error!(error = ?e, "claiming runs failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(self.config.poll_interval) => {}
-                        _ = shutdown.changed() => {}
+                    Err(e) => {
+                        tracing::error!(error = ?e, "claiming runs failed");
+                        tokio::select! {
+                            _ = tokio::time::sleep(self.config.poll_interval) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                        None
                     }
-                    None
-                }
+                },
             };
             if let Some(claimed) = claimed {
                 if *shutdown.borrow() {
-                    // Handed over as the runtime stops: give it back to whoever runs next.
+                    // Claimed as the runtime stops (handed over, or by the turn that left the
+                    // previous run at rest): give it back to whoever runs next.
                     let store = &self.services.store;
                     if let Err(e) = store.release_lease(&claimed.run_id, &owner).await {
                         tracing::warn!(error = ?e, "could not release lease");
@@ -132,7 +138,8 @@ impl Runtime {
                     return;
                 }
                 let span = tracing::info_span!("run", run_id = %claimed.run_id, worker = index);
-                self.drive_claimed(&owner, claimed, &mut shutdown)
+                pending = self
+                    .drive_claimed(&owner, claimed, &mut shutdown)
                     .instrument(span)
                     .await;
             }
@@ -169,7 +176,7 @@ impl Runtime {
         owner: &str,
         claimed: Claimed,
         shutdown: &mut watch::Receiver<bool>,
-    ) {
+    ) -> Option<Claimed> {
         let run_id = claimed.run_id.as_str();
         let lost = Arc::new(AtomicBool::new(false));
         let (lost_tx, mut lost_rx) = watch::channel(false);
@@ -203,8 +210,10 @@ impl Runtime {
                 }
             })
         };
+        // The next run, when the turn that left this one at rest claimed it.
+        let mut next = None;
         let outcome = tokio::select! {
-            r = self.drive(run_id, claimed.stepped, &lost) => r,
+            r = self.drive(run_id, claimed.stepped, &lost, owner, &mut next) => r,
             _ = lost_rx.changed() => Ok(Drive::Release),
             _ = shutdown.changed() => Ok(Drive::Release),
         };
@@ -224,6 +233,7 @@ impl Runtime {
                 tracing::warn!(error = ?e, "could not release lease");
             }
         }
+        next
     }
 
     /// Drive a claimed run from `stepped` (the state its claim committed, and the attempt that
@@ -233,6 +243,8 @@ impl Runtime {
         run_id: &str,
         stepped: Option<(RunState, Option<(String, u32)>)>,
         lost: &AtomicBool,
+        owner: &str,
+        next: &mut Option<Claimed>,
     ) -> Result<Drive, AppError> {
         let services = &self.services;
         // This process's last committed state of the run saves loading it; a stale copy cannot
@@ -263,7 +275,9 @@ impl Runtime {
             }
             let known = Some(state.clone());
             let result = match in_flight.take() {
-                Some((stage_key, attempt)) => self.execute(&state, &stage_key, attempt).await,
+                Some((stage_key, attempt)) => {
+                    self.execute(&state, &stage_key, attempt, owner, next).await
+                }
                 None => match state.next_step() {
                     Step::Idle if !fresh => {
                         fresh = true;
@@ -348,6 +362,8 @@ impl Runtime {
         state: &RunState,
         stage_key: &str,
         attempt: u32,
+        owner: &str,
+        next: &mut Option<Claimed>,
     ) -> Result<(RunState, Option<(String, u32)>), AppError> {
         let services = &self.services;
         let Some(stage) = state.stage(stage_key).cloned() else {
@@ -396,16 +412,21 @@ impl Runtime {
             Ok(artifacts) => {
                 let key = stage_key.to_string();
                 let count = artifacts.len();
-                let next = services
-                    .advance_run(
+                // If this leaves the run at rest, the same turn claims this worker's next run.
+                let (after, started, claimed) = services
+                    .advance_run_claiming(
                         &state.run.id,
                         Some(state.clone()),
                         |s| s.complete_attempt(&key, attempt, artifacts.clone()),
                         true,
+                        Some((owner, self.config.lease_seconds)),
                     )
                     .await?;
                 tracing::info!(stage_key = %stage_key, attempt, artifacts = count, "stage completed");
-                Ok(next)
+                if claimed.is_some() {
+                    *next = claimed;
+                }
+                Ok((after, started))
             }
             Err(err) => {
                 if let Err(e) =

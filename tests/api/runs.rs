@@ -471,6 +471,36 @@ async fn requests_hand_runs_to_idle_workers(backend: Backend) {
     );
 }
 
+/// With runs waiting for a busy worker, the write turn that leaves the worker's run at a gate
+/// claims its next run and starts that run's stage in the same turn: three runs brought to
+/// their first gate by one worker take 6 write turns (3 starts, 3 stage completions) instead of
+/// 8 (a claim of its own for each run that waited).
+async fn a_worker_claims_its_next_run_with_its_last_step(backend: Backend) {
+    let mut opts = Options::new(backend);
+    opts.workers = 1;
+    // The first run's research keeps the worker busy while the others are started.
+    opts.fault_injection = Some("research=delay-300".into());
+    let app = TestApp::spawn_with(opts).await;
+    let thread = app.thread().await;
+    until_workers_idle(&app, 1).await;
+    let (writers_before, _) = app.services.store.write_stats().get();
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(app.start_run_id(&thread, "content_calendar").await);
+    }
+    for run in &runs {
+        let r = app.wait_status(run, &["WAITING_APPROVAL"]).await;
+        assert_eq!(r["currentStage"], "brand-voice", "{r}");
+    }
+    until_workers_idle(&app, 1).await;
+    let (writers_after, _) = app.services.store.write_stats().get();
+    let turns = writers_after - writers_before;
+    assert_eq!(turns, 6, "write turns for three runs to their first gate");
+    for run in &runs {
+        app.approve_until_done(run).await;
+    }
+}
+
 crate::both_backends!(
     any_mode_falls_back_to_foundation_and_completes_on_approvals,
     runs_on_one_thread_are_isolated,
@@ -482,4 +512,5 @@ crate::both_backends!(
     native_profiles_complete_without_fallback,
     complete_task_by_hand,
     requests_hand_runs_to_idle_workers,
+    a_worker_claims_its_next_run_with_its_last_step,
 );
