@@ -106,15 +106,23 @@ impl Runtime {
                         // besides the wake-up and the poll.
                         let handoffs = &self.services.handoffs;
                         let mut ticket = handoffs.wait(&owner, self.config.lease_seconds);
-                        let handed = tokio::select! {
-                            run = &mut ticket.run => Some(run.ok()),
-                            _ = &mut notified => None,
-                            _ = tokio::time::sleep(self.config.poll_interval) => None,
-                            _ = shutdown.changed() => None,
+                        let (handed, woken) = tokio::select! {
+                            run = &mut ticket.run => (Some(run.ok()), false),
+                            _ = &mut notified => (None, true),
+                            _ = tokio::time::sleep(self.config.poll_interval) => (None, false),
+                            _ = shutdown.changed() => (None, false),
                         };
                         match handed {
                             Some(run) => run,
-                            None => handoffs.withdraw(ticket).await,
+                            None => {
+                                let run = handoffs.withdraw(ticket).await;
+                                if woken && run.is_some() {
+                                    // A request took this worker meanwhile: the wake-up was
+                                    // for another run, and another worker.
+                                    self.services.wake.notify_one();
+                                }
+                                run
+                            }
                         }
                     }
                     Err(e) => {
@@ -227,11 +235,15 @@ impl Runtime {
                 true
             }
         };
-        // Still queued only if runnable: give the lease back so any worker can continue.
+        // Still queued only if runnable: give the lease back so any worker can continue. With
+        // it every other run leased to this worker: the drive may have been cut short (a stop,
+        // a lost lease) after a turn of it claimed the next run, before it could say so.
         if release {
-            if let Err(e) = self.services.store.release_lease(run_id, owner).await {
-                tracing::warn!(error = ?e, "could not release lease");
+            if let Err(e) = self.services.store.release_leases_of(owner).await {
+                tracing::warn!(error = ?e, "could not release leases");
             }
+            self.services.wake.notify_one();
+            return None;
         }
         next
     }

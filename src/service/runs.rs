@@ -92,6 +92,14 @@ impl Services {
     /// on a file system without a journal every replaced file makes later file creations
     /// slower for a minute (BENCHMARKS.md), so half the replacements cost measurably.
     async fn after_run_change(&self, before: &RunState, after: &RunState) {
+        self.record_run_change(before, after).await;
+        if after.run.status.is_runnable() && !before.run.status.is_runnable() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The part of [`Services::after_run_change`] that records the change: the cache, run.json.
+    async fn record_run_change(&self, before: &RunState, after: &RunState) {
         self.runs.put(after);
         if before.run.status != after.run.status && after.run.status != RunStatus::Running {
             let artifacts = self.artifacts.clone();
@@ -101,9 +109,6 @@ impl Services {
             if let Ok(Err(e)) = written {
                 tracing::warn!(run_id = %after.run.id, error = ?e, "could not write run.json");
             }
-        }
-        if after.run.status.is_runnable() && !before.run.status.is_runnable() {
-            self.wake.notify_one();
         }
     }
 
@@ -152,7 +157,7 @@ impl Services {
             .await?;
         let state =
             state.ok_or_else(|| AppError::internal(anyhow::anyhow!("queued run not projected")))?;
-        let handed = self.hand_off(&mut w, &state).await?;
+        let handed = self.hand_off(&mut w, &state, &state).await?;
         let outcome = RunOutcome {
             run_id: run_id.clone(),
             resume_applied: false,
@@ -243,7 +248,7 @@ impl Services {
         };
         let state = self.append_run(&mut w, state, &meta, events).await?;
         let handed = if state.run.status.is_runnable() && !before.run.status.is_runnable() {
-            self.hand_off(&mut w, &state).await?
+            self.hand_off(&mut w, &state, &before).await?
         } else {
             None
         };
@@ -552,28 +557,43 @@ impl Services {
         &self,
         w: &mut WriteTx,
         state: &RunState,
+        before: &RunState,
     ) -> Result<Option<HandedOff>, AppError> {
         let Some(worker) = self.handoffs.take() else {
             return Ok(None);
         };
-        w.lease_run(&state.run.id, &worker.owner, worker.lease_seconds)
-            .await?;
-        let stepped = self
+        // Made before the writes: if they fail, its drop sends the worker back (and gives back
+        // a lease that then never committed: a no-op).
+        let mut handed = HandedOff {
+            stepped: (state.clone(), None),
+            before: before.clone(),
+            worker: None,
+            store: self.store.clone(),
+            wake: self.wake.clone(),
+        };
+        let (owner, lease) = (worker.owner.clone(), worker.lease_seconds);
+        handed.worker = Some(worker);
+        w.lease_run(&state.run.id, &owner, lease).await?;
+        handed.stepped = self
             .append_steps(w, state.clone(), Vec::new(), true)
             .await?;
-        Ok(Some(HandedOff { worker, stepped }))
+        Ok(Some(handed))
     }
 
-    /// After the turn that handed a run off committed: keep its state and give it to its worker;
-    /// a worker that has gone meanwhile (the runtime stopping) gives the lease back.
-    async fn give(&self, handed: HandedOff) {
-        let HandedOff { worker, stepped } = handed;
-        self.runs.put(&stepped.0);
-        let run_id = stepped.0.run.id.clone();
+    /// After the turn that handed a run off committed: record the change (cache, run.json) and
+    /// give the run to its worker; a worker that has gone meanwhile (the runtime stopping) gives
+    /// the lease back.
+    async fn give(&self, mut handed: HandedOff) {
+        self.record_run_change(&handed.before, &handed.stepped.0)
+            .await;
+        let Some(worker) = handed.worker.take() else {
+            return;
+        };
+        let run_id = handed.stepped.0.run.id.clone();
         let owner = worker.owner.clone();
         let claimed = Claimed {
             run_id: run_id.clone(),
-            stepped: Some(stepped),
+            stepped: Some(handed.stepped.clone()),
         };
         if !worker.give(claimed) {
             if let Err(e) = self.store.release_lease(&run_id, &owner).await {
@@ -641,10 +661,37 @@ impl Claimed {
     }
 }
 
-/// A run leased to an idle worker in a request's turn, and the steps that turn took.
+/// A run leased to an idle worker in a request's turn, and the steps that turn took. Dropped
+/// before it was given (the turn failed, or the request was dropped after its commit: a client
+/// that left), it gives the lease back and wakes a worker, so the run does not wait for the
+/// lease to run out.
 struct HandedOff {
-    worker: super::handoff::Taken,
+    worker: Option<super::handoff::Taken>,
+    /// The run before the request's turn (for a start: as queued).
+    before: RunState,
     stepped: (RunState, Option<(String, u32)>),
+    store: std::sync::Arc<crate::store::Store>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Drop for HandedOff {
+    fn drop(&mut self) {
+        let Some(worker) = self.worker.take() else {
+            return;
+        };
+        let run_id = self.before.run.id.clone();
+        let owner = worker.owner.clone();
+        drop(worker);
+        let (store, wake) = (self.store.clone(), self.wake.clone());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = store.release_lease(&run_id, &owner).await {
+                    tracing::warn!(run_id = %run_id, error = ?e, "could not release lease");
+                }
+                wake.notify_one();
+            });
+        }
+    }
 }
 
 /// The attempt a batch of events starts, if any.

@@ -68,6 +68,27 @@ impl Store {
         Ok(renewed.is_some())
     }
 
+    /// Give back every run leased to `owner`: a worker that stops driving its run also gives
+    /// back a next run the turn that was cut short may have claimed for it.
+    pub async fn release_leases_of(&self, owner: &str) -> Result<(), AppError> {
+        let w = self.write_background().await?;
+        w.exec(
+            &run_queue::Entity::update_many()
+                .col_expr(
+                    run_queue::Column::LeaseOwner,
+                    Expr::value(Option::<String>::None),
+                )
+                .col_expr(
+                    run_queue::Column::LeaseUntil,
+                    Expr::value(Option::<String>::None),
+                )
+                .filter(run_queue::Column::LeaseOwner.eq(owner))
+                .into_query(),
+        )
+        .await?;
+        w.commit().await
+    }
+
     /// Give a claimed run back (it stays queued if it is still runnable).
     pub async fn release_lease(&self, run_id: &str, owner: &str) -> Result<(), AppError> {
         let w = self.write_background().await?;
