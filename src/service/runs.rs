@@ -473,13 +473,14 @@ impl Services {
         owner: &str,
         lease_seconds: f64,
     ) -> Result<Option<(Claimed, Option<RunState>)>, AppError> {
-        let Some(run_id) = w.claim_oldest_run(owner, lease_seconds).await? else {
+        let Some((run_id, stored)) = w.claim_oldest_run_versioned(owner, lease_seconds).await?
+        else {
             return Ok(None);
         };
         // Only on the stored state: a step refused on a stale copy would fail the turn, and
         // with it the step of the run this turn was taken for.
         let state = match self.runs.get(&run_id) {
-            Some(c) if w.run_version(&run_id).await? == Some(c.run.version) => c,
+            Some(c) if stored == Some(c.run.version) => c,
             _ => return Ok(Some((Claimed::alone(run_id), None))),
         };
         let before = state.clone();

@@ -1,11 +1,11 @@
 //! The work queue: one row per runnable run, claimed with a lease (compare-and-set), so a run is
 //! executed by one worker at a time, in one process or several.
 
-use super::entities::run_queue;
+use super::entities::{run, run_queue};
 use super::{Store, WriteTx};
 use crate::domain::time;
 use crate::error::AppError;
-use sea_orm::sea_query::{Condition, Expr, Order, Query};
+use sea_orm::sea_query::{Condition, Expr, ExprTrait, Order, Query};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryTrait};
 
 fn claimable(now: &str) -> Condition {
@@ -146,28 +146,64 @@ impl WriteTx {
         owner: &str,
         lease_seconds: f64,
     ) -> Result<Option<String>, AppError> {
-        let now = time::now();
-        let oldest = Query::select()
-            .column(run_queue::Column::RunId)
-            .from(run_queue::Entity)
-            .cond_where(claimable(&now))
-            .order_by(run_queue::Column::ReadyAt, Order::Asc)
-            .limit(1)
-            .to_owned();
-        let claim = run_queue::Entity::update_many()
-            .col_expr(
-                run_queue::Column::LeaseOwner,
-                Expr::value(owner.to_string()),
-            )
-            .col_expr(
-                run_queue::Column::LeaseUntil,
-                Expr::value(time::after_seconds(lease_seconds)),
-            )
-            .filter(run_queue::Column::RunId.in_subquery(oldest))
-            .filter(claimable(&now))
-            .into_query()
+        let claim = claim_oldest(owner, lease_seconds)
             .returning_col(run_queue::Column::RunId)
             .to_owned();
         super::first_value(&self.query(self.backend().build(&claim)).await?)
     }
+
+    /// [`WriteTx::claim_oldest_run`], returning with the run id the run's stored version, read
+    /// by the same statement (one send instead of two where the caller checks a cached copy).
+    pub async fn claim_oldest_run_versioned(
+        &self,
+        owner: &str,
+        lease_seconds: f64,
+    ) -> Result<Option<(String, Option<i64>)>, AppError> {
+        let version = Query::select()
+            .column(run::Column::Version)
+            .from(run::Entity)
+            .and_where(
+                Expr::col((run::Entity, run::Column::Id))
+                    .equals((run_queue::Entity, run_queue::Column::RunId)),
+            )
+            .to_owned();
+        let claim = claim_oldest(owner, lease_seconds)
+            .returning(Query::returning().exprs([
+                Expr::col((run_queue::Entity, run_queue::Column::RunId)),
+                Expr::SubQuery(None, Box::new(version.into())),
+            ]))
+            .to_owned();
+        let rows = self.query(self.backend().build(&claim)).await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let run_id: String = row.try_get_by_index(0)?;
+        let version: Option<i64> = row.try_get_by_index(1)?;
+        Ok(Some((run_id, version)))
+    }
+}
+
+/// The claim of the oldest claimable run for `owner` (see [`WriteTx::claim_oldest_run`]),
+/// without its `RETURNING`.
+fn claim_oldest(owner: &str, lease_seconds: f64) -> sea_orm::sea_query::UpdateStatement {
+    let now = time::now();
+    let oldest = Query::select()
+        .column(run_queue::Column::RunId)
+        .from(run_queue::Entity)
+        .cond_where(claimable(&now))
+        .order_by(run_queue::Column::ReadyAt, Order::Asc)
+        .limit(1)
+        .to_owned();
+    run_queue::Entity::update_many()
+        .col_expr(
+            run_queue::Column::LeaseOwner,
+            Expr::value(owner.to_string()),
+        )
+        .col_expr(
+            run_queue::Column::LeaseUntil,
+            Expr::value(time::after_seconds(lease_seconds)),
+        )
+        .filter(run_queue::Column::RunId.in_subquery(oldest))
+        .filter(claimable(&now))
+        .into_query()
 }
