@@ -435,52 +435,57 @@ impl Services {
         let (state, started) = self.append_steps(&mut w, state, events, start_next).await?;
         let next = match claim {
             Some((owner, lease)) if !state.run.status.is_runnable() => {
-                self.claim_next(&mut w, owner, lease).await?
+                self.claim_next(&mut w, owner, lease, true).await?
             }
             _ => None,
         };
-        if let Err(e) = w.commit().await {
-            // A stale copy of the next run may be what failed (on SQLite a conflict surfaces
-            // as late as the commit): the retry claims it without a step.
-            if let Some((claimed, _)) = &next {
-                self.runs.forget(&claimed.run_id);
-            }
-            return Err(e);
-        }
+        self.commit_claim(w, &next).await?;
         self.after_run_change(&before, &state).await;
-        let next = match next {
-            Some((claimed, next_before)) => {
-                if let (Some(before), Some((after, _))) = (&next_before, &claimed.stepped) {
-                    self.after_run_change(before, after).await;
-                }
-                Some(claimed)
-            }
-            None => None,
-        };
-        Ok((state, started, next))
+        Ok((state, started, self.claimed(next).await))
     }
 
-    /// In a runtime turn that left its run at rest: claim the oldest claimable run for `owner`
-    /// and take its next step on this process's copy of it, as [`Services::claim_and_step`]
-    /// does in a turn of its own; the claim, and the run's state before the step if one was
-    /// taken. A worker's claim of its next run then costs no write turn of its own while runs
-    /// wait (under load, 4 of a Foundation run's 12 turns were such claims). The step is taken
-    /// only on a copy whose version is the stored one; one that fails all the same forgets the
-    /// copy, and the whole turn fails with it: its retry claims without a step.
+    /// Commit a turn that may hold a [`Services::claim_next`]. A failed commit forgets the
+    /// claimed run's copy: a stale one may be what failed (on SQLite a conflict surfaces as late
+    /// as the commit), and the next attempt claims it without a step.
+    async fn commit_claim(&self, w: WriteTx, next: &Option<ClaimedNext>) -> Result<(), AppError> {
+        let committed = w.commit().await;
+        if let (Err(_), Some((claimed, _))) = (&committed, next) {
+            self.runs.forget(&claimed.run_id);
+        }
+        committed
+    }
+
+    /// Once a [`Services::claim_next`] committed: record the step it took, if any.
+    async fn claimed(&self, next: Option<ClaimedNext>) -> Option<Claimed> {
+        let (claimed, before) = next?;
+        if let (Some(before), Some((after, _))) = (&before, &claimed.stepped) {
+            self.after_run_change(before, after).await;
+        }
+        Some(claimed)
+    }
+
+    /// In a write turn: claim the oldest claimable run for `owner` and take its next step on
+    /// this process's copy of it; the claim, and the run's state before the step if one was
+    /// taken. [`Services::claim_and_step`] does it in a turn of its own; a runtime turn that
+    /// leaves its run at rest does it too, so that a worker's claim of its next run costs no
+    /// turn of its own while runs wait (under load, 4 of a Foundation run's 12 turns were such
+    /// claims). With `verify` the step is taken only on a copy whose version is the stored one
+    /// (a runtime turn: a step refused on a stale copy would fail the turn, and with it the step
+    /// of the run the turn was taken for); without, a stale copy fails the turn (its events
+    /// reuse a stream version: `CONFLICT`). A step that fails forgets the copy, and the whole
+    /// turn fails with it: its retry claims without a step.
     async fn claim_next(
         &self,
         w: &mut WriteTx,
         owner: &str,
         lease_seconds: f64,
-    ) -> Result<Option<(Claimed, Option<RunState>)>, AppError> {
-        let Some((run_id, stored)) = w.claim_oldest_run_versioned(owner, lease_seconds).await?
-        else {
+        verify: bool,
+    ) -> Result<Option<ClaimedNext>, AppError> {
+        let Some((run_id, stored)) = w.claim_oldest_run(owner, lease_seconds).await? else {
             return Ok(None);
         };
-        // Only on the stored state: a step refused on a stale copy would fail the turn, and
-        // with it the step of the run this turn was taken for.
         let state = match self.runs.get(&run_id) {
-            Some(c) if stored == Some(c.run.version) => c,
+            Some(c) if !verify || stored == Some(c.run.version) => c,
             _ => return Ok(Some((Claimed::alone(run_id), None))),
         };
         let before = state.clone();
@@ -507,48 +512,17 @@ impl Services {
     /// same write turn, take its next step as [`Services::advance_run`] would (one turn in the
     /// write batch instead of two). The step is decided on this process's last committed copy of
     /// the run; a stale copy cannot write (its events reuse a stream version: `CONFLICT`, and
-    /// the claim is rolled back with them). `None` when nothing was claimable.
+    /// the claim is rolled back with them; see [`Services::claim_next`]). `None` when nothing
+    /// was claimable.
     pub async fn claim_and_step(
         &self,
         owner: &str,
         lease_seconds: f64,
     ) -> Result<Option<Claimed>, AppError> {
         let mut w = self.store.write_background().await?;
-        let Some(run_id) = w.claim_oldest_run(owner, lease_seconds).await? else {
-            w.commit().await?;
-            return Ok(None);
-        };
-        let Some(state) = self.runs.get(&run_id) else {
-            // No copy here (another instance queued it): the worker loads it.
-            w.commit().await?;
-            return Ok(Some(Claimed::alone(run_id)));
-        };
-        let before = state.clone();
-        let stepped = async {
-            let stepped = self.append_steps(&mut w, state, Vec::new(), true).await?;
-            w.commit().await?;
-            Ok(stepped)
-        }
-        .await;
-        let stepped = match stepped {
-            Ok(stepped) => stepped,
-            Err(e) => {
-                // The copy was stale (or its step refused; on SQLite a conflict surfaces as late
-                // as the commit): the claim is rolled back with the step, and the next attempt
-                // starts from the stored run.
-                self.runs.forget(&run_id);
-                return Err(e);
-            }
-        };
-        if stepped.0.run.version == before.run.version {
-            // Nothing written proves the copy current: the worker checks against the store.
-            return Ok(Some(Claimed::alone(run_id)));
-        }
-        self.after_run_change(&before, &stepped.0).await;
-        Ok(Some(Claimed {
-            run_id,
-            stepped: Some(stepped),
-        }))
+        let next = self.claim_next(&mut w, owner, lease_seconds, false).await?;
+        self.commit_claim(w, &next).await?;
+        Ok(self.claimed(next).await)
     }
 
     /// In a turn that made `state` runnable, with a worker idle: lease the run to that worker
@@ -563,22 +537,20 @@ impl Services {
         let Some(worker) = self.handoffs.take() else {
             return Ok(None);
         };
-        // Made before the writes: if they fail, its drop sends the worker back (and gives back
-        // a lease that then never committed: a no-op).
-        let mut handed = HandedOff {
-            stepped: (state.clone(), None),
-            before: before.clone(),
-            worker: None,
-            store: self.store.clone(),
-            wake: self.wake.clone(),
-        };
-        let (owner, lease) = (worker.owner.clone(), worker.lease_seconds);
-        handed.worker = Some(worker);
-        w.lease_run(&state.run.id, &owner, lease).await?;
-        handed.stepped = self
+        // Should these writes fail, nothing of the turn commits, and the worker, dropped,
+        // goes back to its loop.
+        w.lease_run(&state.run.id, &worker.owner, worker.lease_seconds)
+            .await?;
+        let stepped = self
             .append_steps(w, state.clone(), Vec::new(), true)
             .await?;
-        Ok(Some(handed))
+        Ok(Some(HandedOff {
+            worker: Some(worker),
+            before: before.clone(),
+            stepped,
+            store: self.store.clone(),
+            wake: self.wake.clone(),
+        }))
     }
 
     /// After the turn that handed a run off committed: record the change (cache, run.json) and
@@ -597,10 +569,7 @@ impl Services {
             stepped: Some(handed.stepped.clone()),
         };
         if !worker.give(claimed) {
-            if let Err(e) = self.store.release_lease(&run_id, &owner).await {
-                tracing::warn!(run_id = %run_id, error = ?e, "could not release lease");
-            }
-            self.wake.notify_one();
+            give_back(&self.store, &self.wake, &run_id, &owner).await;
         }
     }
 
@@ -642,6 +611,9 @@ impl Services {
 /// A runtime step's result: the run's new state, the attempt left in flight, and the worker's
 /// next run if the same turn claimed one ([`Services::advance_run_claiming`]).
 pub type Advanced = (RunState, Option<(String, u32)>, Option<Claimed>);
+
+/// A claim made by [`Services::claim_next`], and the run's state before the step it took.
+type ClaimedNext = (Claimed, Option<RunState>);
 
 /// A run the runtime claimed with [`Services::claim_and_step`].
 #[derive(Debug)]
@@ -685,14 +657,22 @@ impl Drop for HandedOff {
         drop(worker);
         let (store, wake) = (self.store.clone(), self.wake.clone());
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(e) = store.release_lease(&run_id, &owner).await {
-                    tracing::warn!(run_id = %run_id, error = ?e, "could not release lease");
-                }
-                wake.notify_one();
-            });
+            handle.spawn(async move { give_back(&store, &wake, &run_id, &owner).await });
         }
     }
+}
+
+/// Give back a run leased to a worker that will not drive it, and wake a worker for it.
+async fn give_back(
+    store: &crate::store::Store,
+    wake: &tokio::sync::Notify,
+    run_id: &str,
+    owner: &str,
+) {
+    if let Err(e) = store.release_lease(run_id, owner).await {
+        tracing::warn!(run_id = %run_id, error = ?e, "could not release lease");
+    }
+    wake.notify_one();
 }
 
 /// The attempt a batch of events starts, if any.

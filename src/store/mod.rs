@@ -1005,6 +1005,15 @@ impl Drop for WriteTx {
     }
 }
 
+/// A migrated SQLite store in `dir`, for unit tests.
+#[cfg(test)]
+pub(crate) async fn test_store(dir: &std::path::Path) -> Store {
+    let url = format!("sqlite://{}?mode=rwc", dir.join("test.sqlite3").display());
+    let store = Store::connect(&url, 4).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    store
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1016,12 +1025,7 @@ mod tests {
     #[tokio::test]
     async fn sqlite_write_turns_share_one_connection() {
         let dir = tempfile::tempdir().expect("tmp");
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("w.sqlite3").display()
-        );
-        let store = Store::connect(&url, 4).await.expect("connect");
-        store.migrate().await.expect("migrate");
+        let store = test_store(dir.path()).await;
         let w = store.write().await.expect("writer");
         w.conn()
             .await

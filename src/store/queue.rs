@@ -5,8 +5,8 @@ use super::entities::{run, run_queue};
 use super::{Store, WriteTx};
 use crate::domain::time;
 use crate::error::AppError;
-use sea_orm::sea_query::{Condition, Expr, ExprTrait, Order, Query};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryTrait};
+use sea_orm::sea_query::{Condition, Expr, ExprTrait, IntoCondition, Order, Query};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryTrait, UpdateMany};
 
 fn claimable(now: &str) -> Condition {
     Condition::any()
@@ -36,7 +36,10 @@ impl Store {
         // A writer like any other: it rides in the write batch (SQLite has one writer), as the
         // runtime's work, after clients' requests.
         let w = self.write_background().await?;
-        let claimed = w.claim_oldest_run(owner, lease_seconds).await?;
+        let claimed = w
+            .claim_oldest_run(owner, lease_seconds)
+            .await?
+            .map(|(id, _)| id);
         w.commit().await?;
         Ok(claimed)
     }
@@ -71,44 +74,37 @@ impl Store {
     /// Give back every run leased to `owner`: a worker that stops driving its run also gives
     /// back a next run the turn that was cut short may have claimed for it.
     pub async fn release_leases_of(&self, owner: &str) -> Result<(), AppError> {
-        let w = self.write_background().await?;
-        w.exec(
-            &run_queue::Entity::update_many()
-                .col_expr(
-                    run_queue::Column::LeaseOwner,
-                    Expr::value(Option::<String>::None),
-                )
-                .col_expr(
-                    run_queue::Column::LeaseUntil,
-                    Expr::value(Option::<String>::None),
-                )
-                .filter(run_queue::Column::LeaseOwner.eq(owner))
-                .into_query(),
-        )
-        .await?;
-        w.commit().await
+        self.release_where(run_queue::Column::LeaseOwner.eq(owner))
+            .await
     }
 
     /// Give a claimed run back (it stays queued if it is still runnable).
     pub async fn release_lease(&self, run_id: &str, owner: &str) -> Result<(), AppError> {
-        let w = self.write_background().await?;
-        w.exec(
-            &run_queue::Entity::update_many()
-                .col_expr(
-                    run_queue::Column::LeaseOwner,
-                    Expr::value(Option::<String>::None),
-                )
-                .col_expr(
-                    run_queue::Column::LeaseUntil,
-                    Expr::value(Option::<String>::None),
-                )
-                .filter(run_queue::Column::RunId.eq(run_id))
-                .filter(run_queue::Column::LeaseOwner.eq(owner))
-                .into_query(),
+        self.release_where(
+            Condition::all()
+                .add(run_queue::Column::RunId.eq(run_id))
+                .add(run_queue::Column::LeaseOwner.eq(owner)),
         )
-        .await?;
+        .await
+    }
+
+    /// Clear the leases of the queue rows that match `which`, in a write turn of its own.
+    async fn release_where(&self, which: impl IntoCondition) -> Result<(), AppError> {
+        let w = self.write_background().await?;
+        w.exec(&leased(None, None).filter(which).into_query())
+            .await?;
         w.commit().await
     }
+}
+
+/// An update of queue rows that sets their lease: `owner` until `until` (`None`s: no lease).
+fn leased(owner: Option<&str>, until: Option<String>) -> UpdateMany<run_queue::Entity> {
+    run_queue::Entity::update_many()
+        .col_expr(
+            run_queue::Column::LeaseOwner,
+            Expr::value(owner.map(str::to_string)),
+        )
+        .col_expr(run_queue::Column::LeaseUntil, Expr::value(until))
 }
 
 impl WriteTx {
@@ -122,15 +118,7 @@ impl WriteTx {
         lease_seconds: f64,
     ) -> Result<(), AppError> {
         self.exec(
-            &run_queue::Entity::update_many()
-                .col_expr(
-                    run_queue::Column::LeaseOwner,
-                    Expr::value(owner.to_string()),
-                )
-                .col_expr(
-                    run_queue::Column::LeaseUntil,
-                    Expr::value(time::after_seconds(lease_seconds)),
-                )
+            &leased(Some(owner), Some(time::after_seconds(lease_seconds)))
                 .filter(run_queue::Column::RunId.eq(run_id))
                 .into_query(),
         )
@@ -140,21 +128,10 @@ impl WriteTx {
     /// Claim the oldest claimable run for `owner` until `lease_seconds` from now: one
     /// compare-and-set statement (`UPDATE … WHERE run_id = (oldest claimable) AND still claimable
     /// RETURNING`), atomic on its own on both backends, so two workers never get the same run; a
-    /// lost race just returns `None`. The lease is taken when this writer's batch commits.
+    /// lost race just returns `None`. The lease is taken when this writer's batch commits. With
+    /// the run id it returns the run's stored version, read by the same statement, for a caller
+    /// that checks a cached copy (one send instead of two).
     pub async fn claim_oldest_run(
-        &self,
-        owner: &str,
-        lease_seconds: f64,
-    ) -> Result<Option<String>, AppError> {
-        let claim = claim_oldest(owner, lease_seconds)
-            .returning_col(run_queue::Column::RunId)
-            .to_owned();
-        super::first_value(&self.query(self.backend().build(&claim)).await?)
-    }
-
-    /// [`WriteTx::claim_oldest_run`], returning with the run id the run's stored version, read
-    /// by the same statement (one send instead of two where the caller checks a cached copy).
-    pub async fn claim_oldest_run_versioned(
         &self,
         owner: &str,
         lease_seconds: f64,
@@ -194,15 +171,7 @@ fn claim_oldest(owner: &str, lease_seconds: f64) -> sea_orm::sea_query::UpdateSt
         .order_by(run_queue::Column::ReadyAt, Order::Asc)
         .limit(1)
         .to_owned();
-    run_queue::Entity::update_many()
-        .col_expr(
-            run_queue::Column::LeaseOwner,
-            Expr::value(owner.to_string()),
-        )
-        .col_expr(
-            run_queue::Column::LeaseUntil,
-            Expr::value(time::after_seconds(lease_seconds)),
-        )
+    leased(Some(owner), Some(time::after_seconds(lease_seconds)))
         .filter(run_queue::Column::RunId.in_subquery(oldest))
         .filter(claimable(&now))
         .into_query()

@@ -385,12 +385,7 @@ mod tests {
     #[tokio::test]
     async fn seeded_history_equals_its_replay() {
         let dir = tempfile::tempdir().expect("tmp");
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("seed.sqlite3").display()
-        );
-        let store = Store::connect(&url, 4).await.expect("connect");
-        store.migrate().await.expect("migrate");
+        let store = crate::store::test_store(dir.path()).await;
         let profiles =
             ProfileSet::parse(crate::startup::SHIPPED_PROFILES, "shipped").expect("profiles");
         let plan = profiles
