@@ -217,29 +217,65 @@ impl Services {
         Ok(Some(ids))
     }
 
-    /// The shared shape of run commands: load the run in the write transaction, decide, append.
+    /// The shared shape of run commands: decide on the run's state in a write turn, append.
+    ///
+    /// The decision is taken on this process's last committed copy of the run, when it has one,
+    /// without reading the stored version first (one hand-over to the database less per
+    /// command). A copy that turns out stale cannot write: its events reuse a stream version
+    /// that exists (`CONFLICT`, on SQLite at the latest at commit), and the command is then
+    /// taken again, decided on the stored run. A decision on the copy that appends nothing, or
+    /// that is refused, is checked against the stored version in the same turn.
     async fn run_command(
         &self,
         caller: &Caller,
         idem: Idempotency,
         run_id: &str,
-        decide: impl FnOnce(&RunState) -> Result<(Vec<DomainEvent>, bool), AppError>,
+        decide: impl Fn(&RunState) -> Result<(Vec<DomainEvent>, bool), AppError>,
+    ) -> Result<RunOutcome, AppError> {
+        if let Some(copy) = self.runs.get(run_id) {
+            match self
+                .run_command_on(caller, &idem, run_id, Some(copy), &decide)
+                .await
+            {
+                Err(AppError::Conflict(reason)) => {
+                    tracing::debug!(%reason, "cached run state was stale; deciding on the stored one");
+                }
+                other => return other,
+            }
+        }
+        self.run_command_on(caller, &idem, run_id, None, &decide)
+            .await
+    }
+
+    /// One write turn of [`Services::run_command`], deciding on `copy` if given.
+    async fn run_command_on(
+        &self,
+        caller: &Caller,
+        idem: &Idempotency,
+        run_id: &str,
+        copy: Option<RunState>,
+        decide: &impl Fn(&RunState) -> Result<(Vec<DomainEvent>, bool), AppError>,
     ) -> Result<RunOutcome, AppError> {
         let mut w = self.store.write().await?;
-        if let Some(replay) = w.replayed::<RunOutcome>(&idem).await? {
+        if let Some(replay) = w.replayed::<RunOutcome>(idem).await? {
             w.commit().await?;
             return Ok(replay);
         }
-        // The cached state when it is the stored one (same stream version), else load it.
-        let cached = match self.runs.get(run_id) {
-            Some(c) if w.run_version(run_id).await? == Some(c.run.version) => Some(c),
-            _ => None,
+        let on_copy = copy.map(|c| {
+            let decided = decide(&c);
+            (c, decided)
+        });
+        let (state, decided) = match on_copy {
+            // Events decided on a stale copy cannot commit (see above).
+            Some((c, Ok(d))) if !d.0.is_empty() => (c, Ok(d)),
+            Some((c, d)) if w.run_version(run_id).await? == Some(c.run.version) => (c, d),
+            _ => {
+                let stored = w.run_state(run_id).await?;
+                let decided = decide(&stored);
+                (stored, decided)
+            }
         };
-        let state = match cached {
-            Some(c) => c,
-            None => w.run_state(run_id).await?,
-        };
-        let (events, resume_applied) = decide(&state)?;
+        let (events, resume_applied) = decided?;
         let before = state.clone();
         let meta = EventMeta {
             actor: caller.actor.clone(),
@@ -258,7 +294,7 @@ impl Services {
             gate: before.run.current_stage.clone(),
             state: Some(state.clone()),
         };
-        w.remember(&idem, &outcome).await?;
+        w.remember(idem, &outcome).await?;
         w.commit().await?;
         match handed {
             Some(handed) => self.give(handed).await,
@@ -282,7 +318,7 @@ impl Services {
             .transpose()?;
         let by = caller.actor.id.clone();
         self.run_command(caller, idem, &cmd.run_id, |s| {
-            s.approve(cmd.stage_key.as_deref(), &by, comment)
+            s.approve(cmd.stage_key.as_deref(), &by, comment.clone())
         })
         .await
     }
@@ -302,7 +338,10 @@ impl Services {
             .transpose()?;
         let by = caller.actor.id.clone();
         self.run_command(caller, idem, &cmd.run_id, |s| {
-            Ok((s.reject(cmd.stage_key.as_deref(), &by, comment)?, false))
+            Ok((
+                s.reject(cmd.stage_key.as_deref(), &by, comment.clone())?,
+                false,
+            ))
         })
         .await
     }
@@ -336,8 +375,10 @@ impl Services {
             .as_deref()
             .map(|r| workspace::parse_text("reason", r))
             .transpose()?;
-        self.run_command(caller, idem, run_id, |s| Ok((s.cancel(reason), false)))
-            .await
+        self.run_command(caller, idem, run_id, |s| {
+            Ok((s.cancel(reason.clone()), false))
+        })
+        .await
     }
 
     #[tracing::instrument(skip_all, fields(task_id = %task_id))]

@@ -5,7 +5,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use vm_workflow::domain::events::{Actor, DomainEvent, EventMeta};
-use vm_workflow::domain::run::RunStatus;
+use vm_workflow::domain::run::{RunState, RunStatus};
 use vm_workflow::error::AppError;
 use vm_workflow::service::runs::Claimed;
 use vm_workflow::service::Services;
@@ -375,6 +375,97 @@ async fn a_claim_steps_or_leaves_nothing(backend: Backend) {
         .expect("renew"));
 }
 
+/// Without workers: claim the run (its next stage attempt starts with the claim) and complete
+/// each attempt until the run rests; the run as it ran its last attempt, and at rest.
+async fn drive_to_rest(services: &Services, run: &str) -> (RunState, RunState) {
+    let claimed = claim(services, "worker-a").await;
+    assert_eq!(claimed.run_id, run);
+    let (mut state, mut started) = claimed.stepped.expect("the claim starts an attempt");
+    let mut running = state.clone();
+    while let Some((stage, attempt)) = started {
+        running = state;
+        (state, started) = services
+            .advance_run(
+                run,
+                None,
+                |s| s.complete_attempt(&stage, attempt, Vec::new()),
+                true,
+            )
+            .await
+            .expect("complete the attempt");
+    }
+    (running, state)
+}
+
+/// Run commands decide on this process's copy of the run without reading the stored version
+/// first: an approval on a current copy is one send on SQLite. A stale copy cannot mislead the
+/// command: a decision on it that appends events conflicts with the stored stream, one that is
+/// refused is checked against the stored version, and either way the command is decided on
+/// the stored run.
+async fn run_commands_decide_on_the_cached_copy(backend: Backend) {
+    let mut opts = Options::new(backend);
+    opts.workers = 0;
+    let app = TestApp::spawn_with(opts).await;
+    let services = app.services.clone();
+    let store = services.store.clone();
+    let sends = |s: &Store| s.write_stats().sends();
+    let thread = app.thread().await;
+    let run = app.start_run_id(&thread, "content_calendar").await;
+
+    let (_, gate1) = drive_to_rest(&services, &run).await;
+    assert_eq!(gate1.run.status, RunStatus::WaitingApproval);
+    let cached = services.runs.get(&run).map(|c| c.run.version);
+    assert_eq!(cached, Some(gate1.run.version), "the step keeps a copy");
+    let before = sends(&store);
+    let approved = app.approve(&run, None).await;
+    assert_eq!(
+        approved["approval"]["stageKey"],
+        json!(gate1.run.current_stage),
+        "{approved}"
+    );
+    let used = sends(&store) - before;
+    if store.is_postgres() {
+        // SAVEPOINT; the event, its timeline item, the run, stage, approval, task and queue
+        // rows, and the queue row's lease; RELEASE. No read.
+        assert_eq!(used, 10);
+    } else {
+        // The writes and RELEASE together (the savepoint is opened by the same send).
+        assert_eq!(used, 1);
+    }
+
+    // A stale copy whose decision appends: approving the copy at the first gate again.
+    let (_, gate2) = drive_to_rest(&services, &run).await;
+    assert_ne!(gate2.run.current_stage, gate1.run.current_stage);
+    services.runs.put(&gate1);
+    let approved = app.approve(&run, None).await;
+    assert_eq!(
+        approved["approval"]["stageKey"],
+        json!(gate2.run.current_stage),
+        "decided on the stored run: {approved}"
+    );
+
+    // A stale copy whose decision is refused: the run was still running in it.
+    let (running, gate3) = drive_to_rest(&services, &run).await;
+    assert_eq!(running.run.status, RunStatus::Running);
+    services.runs.put(&running);
+    let approved = app.approve(&run, None).await;
+    assert_eq!(
+        approved["approval"]["stageKey"],
+        json!(gate3.run.current_stage),
+        "decided on the stored run: {approved}"
+    );
+
+    let (_, done) = drive_to_rest(&services, &run).await;
+    assert_eq!(done.run.status, RunStatus::Completed);
+    let events = app.event_types(&run).await;
+    let count = |t: &str| events.iter().filter(|e| *e == t).count();
+    assert_eq!(
+        (count("ApprovalGranted"), count("WorkflowRunStageCompleted")),
+        (3, 4),
+        "{events:?}"
+    );
+}
+
 /// On SQLite a writer's statements go to the database together: its writes wait for its next
 /// read or its commit and go with it, and its savepoint is opened by its first send and released
 /// by its last, so a writer that only writes is one hand-over to SQLite's thread. On Postgres
@@ -478,6 +569,7 @@ crate::both_backends!(
     concurrent_writes_share_commits,
     awkward_text_round_trips,
     a_claim_steps_or_leaves_nothing,
+    run_commands_decide_on_the_cached_copy,
     requests_go_before_the_runtimes_waiting_writes
 );
 
