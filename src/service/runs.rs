@@ -157,7 +157,7 @@ impl Services {
             .await?;
         let state =
             state.ok_or_else(|| AppError::internal(anyhow::anyhow!("queued run not projected")))?;
-        let handed = self.hand_off(&mut w, &state, &state).await?;
+        let mut handed = self.hand_off(&mut w, &state, &state).await?;
         let outcome = RunOutcome {
             run_id: run_id.clone(),
             resume_applied: false,
@@ -173,7 +173,7 @@ impl Services {
             let state = state.clone();
             tokio::task::spawn_blocking(move || artifacts.write_plan(&state))
         };
-        let committed = w.commit().await;
+        let committed = commit_handing(w, &mut handed).await;
         if committed.is_ok() {
             // Before the files are awaited: the runtime may step the run meanwhile, and its
             // newer copy must not be replaced by this one.
@@ -239,6 +239,7 @@ impl Services {
             {
                 Err(AppError::Conflict(reason)) => {
                     tracing::debug!(%reason, "cached run state was stale; deciding on the stored one");
+                    self.runs.forget(run_id);
                 }
                 other => return other,
             }
@@ -283,7 +284,7 @@ impl Services {
             causation_id: Some(state.run.last_event_id.clone()),
         };
         let state = self.append_run(&mut w, state, &meta, events).await?;
-        let handed = if state.run.status.is_runnable() && !before.run.status.is_runnable() {
+        let mut handed = if state.run.status.is_runnable() && !before.run.status.is_runnable() {
             self.hand_off(&mut w, &state, &before).await?
         } else {
             None
@@ -295,7 +296,7 @@ impl Services {
             state: Some(state.clone()),
         };
         w.remember(idem, &outcome).await?;
-        w.commit().await?;
+        commit_handing(w, &mut handed).await?;
         match handed {
             Some(handed) => self.give(handed).await,
             None => self.after_run_change(&before, &state).await,
@@ -587,6 +588,7 @@ impl Services {
             .await?;
         Ok(Some(HandedOff {
             worker: Some(worker),
+            may_have_committed: false,
             before: before.clone(),
             stepped,
             store: self.store.clone(),
@@ -676,11 +678,15 @@ impl Claimed {
 }
 
 /// A run leased to an idle worker in a request's turn, and the steps that turn took. Dropped
-/// before it was given (the turn failed, or the request was dropped after its commit: a client
-/// that left), it gives the lease back and wakes a worker, so the run does not wait for the
-/// lease to run out.
+/// before it was given once its turn may have committed (the request was dropped during or
+/// after its commit: a client that left), it gives the lease back and wakes a worker, so the
+/// run does not wait for the lease to run out. Dropped when its turn did not commit, it only
+/// sends the worker back to its loop: the lease was rolled back with the turn, and giving it
+/// back later could take the lease a retry of the command has given the same worker since.
 struct HandedOff {
     worker: Option<super::handoff::Taken>,
+    /// Whether the request's turn may have committed the lease (see [`commit_handing`]).
+    may_have_committed: bool,
     /// The run before the request's turn (for a start: as queued).
     before: RunState,
     stepped: (RunState, Option<(String, u32)>),
@@ -693,6 +699,9 @@ impl Drop for HandedOff {
         let Some(worker) = self.worker.take() else {
             return;
         };
+        if !self.may_have_committed {
+            return;
+        }
         let run_id = self.before.run.id.clone();
         let owner = worker.owner.clone();
         drop(worker);
@@ -701,6 +710,20 @@ impl Drop for HandedOff {
             handle.spawn(async move { give_back(&store, &wake, &run_id, &owner).await });
         }
     }
+}
+
+/// Commit a request's turn that may have handed a run off, keeping track of whether the lease
+/// may be in the store: from the moment the commit is sent (a request dropped while it waits
+/// for it cannot know), unless the commit fails.
+async fn commit_handing(w: WriteTx, handed: &mut Option<HandedOff>) -> Result<(), AppError> {
+    if let Some(h) = handed.as_mut() {
+        h.may_have_committed = true;
+    }
+    let committed = w.commit().await;
+    if let (Err(_), Some(h)) = (&committed, handed.as_mut()) {
+        h.may_have_committed = false;
+    }
+    committed
 }
 
 /// Give back a run leased to a worker that will not drive it, and wake a worker for it.

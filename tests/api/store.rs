@@ -425,8 +425,9 @@ async fn run_commands_decide_on_the_cached_copy(backend: Backend) {
     );
     let used = sends(&store) - before;
     if store.is_postgres() {
-        // SAVEPOINT; the event, its timeline item, the run, stage, approval, task and queue
-        // rows, and the queue row's lease; RELEASE. No read.
+        // SAVEPOINT; the log's head (read in every batch: other instances append too); the
+        // event, its timeline item, the run, stage, approval, task and queue rows; RELEASE.
+        // No read of the run.
         assert_eq!(used, 10);
     } else {
         // The writes and RELEASE together (the savepoint is opened by the same send).
