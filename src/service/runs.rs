@@ -748,3 +748,111 @@ fn started_attempt(events: &[DomainEvent]) -> Option<(String, u32)> {
         _ => None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::profiles::{ProfileSet, ResolveSettings};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A queued run of a fresh store's, leased to `owner` by a committed claim (its first stage
+    /// attempt started).
+    async fn leased_run(dir: &std::path::Path, owner: &str) -> (Services, RunState) {
+        let store = crate::store::test_store(dir).await;
+        let profiles =
+            ProfileSet::parse(crate::startup::SHIPPED_PROFILES, "shipped").expect("profiles");
+        let settings = ResolveSettings {
+            force_foundation_fallback: true,
+            foundation_mode: "foundation_stack".into(),
+        };
+        let services = Services::new(
+            Arc::new(store),
+            Arc::new(profiles),
+            settings,
+            crate::runner::artifacts::ArtifactStore::new(dir),
+        );
+        let threads = crate::store::seed::create_workspace(&services, 1)
+            .await
+            .expect("workspace");
+        let start = StartRun {
+            thread_id: threads[0].id.clone(),
+            request_text: "a run".into(),
+            mode: "content_calendar".into(),
+            skill_overrides: SkillOverrides::default(),
+        };
+        services
+            .start_run(&Caller::user("tester"), start, None)
+            .await
+            .expect("start");
+        let claimed = services
+            .claim_and_step(owner, 30.0)
+            .await
+            .expect("claim")
+            .expect("a claimable run");
+        let (state, _) = claimed.stepped.expect("a step");
+        (services, state)
+    }
+
+    /// A hand-off for `state`'s run to the worker `owner` waiting in line; the worker's ticket.
+    fn hand_off_to(
+        services: &Services,
+        state: &RunState,
+        owner: &str,
+        may_have_committed: bool,
+    ) -> (HandedOff, super::super::handoff::Ticket) {
+        let ticket = services.handoffs.wait(owner, 30.0);
+        let worker = services.handoffs.take().expect("the worker waits");
+        let handed = HandedOff {
+            worker: Some(worker),
+            may_have_committed,
+            before: state.clone(),
+            stepped: (state.clone(), None),
+            store: services.store.clone(),
+            wake: services.wake.clone(),
+        };
+        (handed, ticket)
+    }
+
+    /// A hand-off dropped unused sends its worker back to its loop. It gives the lease back
+    /// only if its turn may have committed: the lease of a turn that failed was rolled back
+    /// with it, and the same worker may hold a lease on the run by now (a retried command gave
+    /// it one), which a late release would take away.
+    #[tokio::test]
+    async fn a_hand_off_gives_back_only_a_lease_its_turn_may_have_committed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (services, state) = leased_run(dir.path(), "worker-x").await;
+        let run_id = state.run.id.clone();
+        let store = services.store.clone();
+
+        let (handed, ticket) = hand_off_to(&services, &state, "worker-x", false);
+        drop(handed);
+        assert!(ticket.run.await.is_err(), "the worker is sent back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            store
+                .renew_lease(&run_id, "worker-x", 30.0)
+                .await
+                .expect("renew"),
+            "the worker's lease is still its own"
+        );
+
+        let (handed, ticket) = hand_off_to(&services, &state, "worker-x", true);
+        drop(handed);
+        assert!(ticket.run.await.is_err(), "the worker is sent back");
+        let mut released = false;
+        for _ in 0..200 {
+            if !store
+                .renew_lease(&run_id, "worker-x", 30.0)
+                .await
+                .expect("renew")
+            {
+                released = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(released, "a lease that may have committed is given back");
+        assert!(store.has_claimable_run().await.expect("look"));
+    }
+}
