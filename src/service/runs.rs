@@ -232,20 +232,34 @@ impl Services {
         run_id: &str,
         decide: impl Fn(&RunState) -> Result<(Vec<DomainEvent>, bool), AppError>,
     ) -> Result<RunOutcome, AppError> {
-        if let Some(copy) = self.runs.get(run_id) {
-            match self
-                .run_command_on(caller, &idem, run_id, Some(copy), &decide)
-                .await
-            {
+        self.on_copy_or_stored(run_id, self.runs.get(run_id), |copy| {
+            self.run_command_on(caller, &idem, run_id, copy, &decide)
+        })
+        .await
+    }
+
+    /// Take `attempt` on `copy` (this process's last committed copy of the run) if given, and,
+    /// if the copy turns out stale (`CONFLICT`), once more on the stored run (`None`); the stale
+    /// copy is forgotten.
+    async fn on_copy_or_stored<T, Attempt>(
+        &self,
+        run_id: &str,
+        copy: Option<RunState>,
+        attempt: impl Fn(Option<RunState>) -> Attempt,
+    ) -> Result<T, AppError>
+    where
+        Attempt: std::future::Future<Output = Result<T, AppError>>,
+    {
+        if let Some(copy) = copy {
+            match attempt(Some(copy)).await {
                 Err(AppError::Conflict(reason)) => {
-                    tracing::debug!(%reason, "cached run state was stale; deciding on the stored one");
+                    tracing::debug!(%reason, "cached run state was stale; retrying on the stored one");
                     self.runs.forget(run_id);
                 }
                 other => return other,
             }
         }
-        self.run_command_on(caller, &idem, run_id, None, &decide)
-            .await
+        attempt(None).await
     }
 
     /// One write turn of [`Services::run_command`], deciding on `copy` if given.
@@ -444,19 +458,10 @@ impl Services {
         start_next: bool,
         claim: Option<(&str, f64)>,
     ) -> Result<Advanced, AppError> {
-        if let Some(state) = known {
-            match self
-                .advance_once(run_id, Some(state), &decide, start_next, claim)
-                .await
-            {
-                Err(AppError::Conflict(reason)) => {
-                    tracing::debug!(%reason, "cached run state was stale; retrying on the stored one");
-                }
-                other => return other,
-            }
-        }
-        self.advance_once(run_id, None, &decide, start_next, claim)
-            .await
+        self.on_copy_or_stored(run_id, known, |known| {
+            self.advance_once(run_id, known, &decide, start_next, claim)
+        })
+        .await
     }
 
     async fn advance_once(

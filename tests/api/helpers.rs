@@ -407,6 +407,15 @@ impl TestApp {
         }
     }
 
+    /// How many of a run's events are of type `kind`.
+    pub async fn event_count(&self, run: &str, kind: &str) -> usize {
+        self.event_types(run)
+            .await
+            .iter()
+            .filter(|t| *t == kind)
+            .count()
+    }
+
     /// Event types of a run, in order.
     pub async fn event_types(&self, run: &str) -> Vec<String> {
         let d = self

@@ -460,15 +460,7 @@ async fn requests_hand_runs_to_idle_workers(backend: Backend) {
         "{turns} write turns for one run with idle workers"
     );
     assert_eq!(done["stages"].as_array().map(Vec::len), Some(4), "{done}");
-    let types = app.event_types(&run).await;
-    assert_eq!(
-        types
-            .iter()
-            .filter(|t| *t == "WorkflowRunStageCompleted")
-            .count(),
-        4,
-        "{types:?}"
-    );
+    assert_eq!(app.event_count(&run, "WorkflowRunStageCompleted").await, 4);
 }
 
 /// With runs waiting for a busy worker, the write turn that leaves the worker's run at a gate

@@ -437,33 +437,33 @@ async fn run_commands_decide_on_the_cached_copy(backend: Backend) {
     // A stale copy whose decision appends: approving the copy at the first gate again.
     let (_, gate2) = drive_to_rest(&services, &run).await;
     assert_ne!(gate2.run.current_stage, gate1.run.current_stage);
-    services.runs.put(&gate1);
-    let approved = app.approve(&run, None).await;
-    assert_eq!(
-        approved["approval"]["stageKey"],
-        json!(gate2.run.current_stage),
-        "decided on the stored run: {approved}"
-    );
+    approve_on_stale_copy(&app, &gate1, &gate2).await;
 
     // A stale copy whose decision is refused: the run was still running in it.
     let (running, gate3) = drive_to_rest(&services, &run).await;
     assert_eq!(running.run.status, RunStatus::Running);
-    services.runs.put(&running);
-    let approved = app.approve(&run, None).await;
-    assert_eq!(
-        approved["approval"]["stageKey"],
-        json!(gate3.run.current_stage),
-        "decided on the stored run: {approved}"
-    );
+    approve_on_stale_copy(&app, &running, &gate3).await;
 
     let (_, done) = drive_to_rest(&services, &run).await;
     assert_eq!(done.run.status, RunStatus::Completed);
-    let events = app.event_types(&run).await;
-    let count = |t: &str| events.iter().filter(|e| *e == t).count();
     assert_eq!(
-        (count("ApprovalGranted"), count("WorkflowRunStageCompleted")),
-        (3, 4),
-        "{events:?}"
+        (
+            app.event_count(&run, "ApprovalGranted").await,
+            app.event_count(&run, "WorkflowRunStageCompleted").await
+        ),
+        (3, 4)
+    );
+}
+
+/// With `stale` as the process's copy of the run, approve the gate the run waits at (`gate`,
+/// as stored): the approval is decided on the stored run.
+async fn approve_on_stale_copy(app: &TestApp, stale: &RunState, gate: &RunState) {
+    app.services.runs.put(stale);
+    let approved = app.approve(&gate.run.id, None).await;
+    assert_eq!(
+        approved["approval"]["stageKey"],
+        json!(gate.run.current_stage),
+        "decided on the stored run: {approved}"
     );
 }
 
