@@ -4,9 +4,10 @@
 //! transaction-scoped advisory lock on Postgres so several instances serialize too), each writer
 //! in a savepoint of a shared transaction that commits once for a burst of writers (group
 //! commit, see [`Batch`]). Appends number events with `MAX(sequence) + 1` inside that critical
-//! section, so the global sequence is gap-free and equals commit order on both backends. On
-//! SQLite a writer's writes are sent together, as one multi-statement execution, before its next
-//! read and before its commit (one hand-over to sqlx's SQLite thread instead of one per write).
+//! section, so the global sequence is gap-free and equals commit order on both backends. A
+//! writer's writes are sent together, as one multi-statement execution, before its next read and
+//! before its commit: on SQLite one hand-over to sqlx's SQLite thread instead of one per write,
+//! on Postgres one round trip (see [`WriteTx`]).
 
 mod checkpoint;
 mod entities;
@@ -82,6 +83,9 @@ struct Batch {
     /// A writer left without committing after its savepoint was opened: the next user of `tx`
     /// rolls back to it first (see [`Batch::settle`]).
     rollback_pending: bool,
+    /// Postgres: the advisory write lock is taken in `tx` (by the first send that opens a
+    /// savepoint in it, before anything is read or written).
+    locked: AtomicBool,
     feed: Arc<CommittedFeed>,
     committed: Arc<Notify>,
     stats: Arc<WriteStats>,
@@ -147,8 +151,9 @@ impl WriteStats {
         )
     }
 
-    /// How many times writers' writes (`WriteTx::exec`) went to the database: on SQLite each
-    /// writer's writes go together before its next read and before its commit.
+    /// How many times writers' statements went to the database (a hand-over to SQLite's thread,
+    /// a round trip to Postgres): each writer's writes go together, before its next read and
+    /// with its commit.
     pub fn sends(&self) -> u64 {
         self.sends.load(Ordering::SeqCst)
     }
@@ -197,6 +202,11 @@ fn env_number(name: &str) -> Option<f64> {
 
 /// Every writer's savepoint has this name: writers take turns, one savepoint at a time.
 const SAVEPOINT: &str = "SAVEPOINT vm_writer";
+
+/// Postgres: the lock that serializes writers across instances, held until the batch ends.
+fn pg_write_lock() -> String {
+    format!("SELECT pg_advisory_xact_lock({PG_WRITE_LOCK_KEY})")
+}
 const RELEASE: &str = "RELEASE SAVEPOINT vm_writer";
 const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT vm_writer; RELEASE SAVEPOINT vm_writer";
 
@@ -272,17 +282,9 @@ impl Batch {
         let head = self.head.take();
         let waiters = std::mem::take(&mut self.waiters);
         let events = std::mem::take(&mut self.events);
-        let result = async {
-            if appended > 0 && self.backend == DbBackend::Postgres {
-                tx.execute_raw(Statement::from_string(
-                    DbBackend::Postgres,
-                    format!("SELECT pg_notify('{PG_CHANNEL}', '{}')", self.feed.instance),
-                ))
-                .await?;
-            }
-            tx.commit().await
-        }
-        .await;
+        // On Postgres every writer that appended sent a `pg_notify` with its release (see
+        // `WriteTx::finish`); Postgres delivers one per transaction and payload, at commit.
+        let result = tx.commit().await;
         let ok = result.is_ok();
         // On SQLite this process is the only writer (every write takes the lock above), so the
         // committed head stays right for the next batch: one `SELECT MAX(sequence)` less per
@@ -432,6 +434,7 @@ impl Store {
             waiting_since: None,
             events: Vec::new(),
             rollback_pending: false,
+            locked: AtomicBool::new(false),
             feed: feed.clone(),
             committed: committed.clone(),
             stats: stats.clone(),
@@ -616,16 +619,10 @@ impl Store {
         queued.arrived();
         if guard.tx.is_none() {
             let tx = self.writer.begin().await?;
-            if self.is_postgres() {
-                tx.query_one_raw(Statement::from_string(
-                    DbBackend::Postgres,
-                    format!("SELECT pg_advisory_xact_lock({PG_WRITE_LOCK_KEY})"),
-                ))
-                .await?;
-            }
             guard.tx = Some(tx);
+            guard.locked.store(false, Ordering::SeqCst);
         }
-        let setup = guard.rollback_pending || self.is_postgres();
+        let setup = guard.rollback_pending;
         let w = WriteTx {
             backend: self.backend,
             guard: Some(guard),
@@ -639,10 +636,8 @@ impl Store {
         if !setup {
             return Ok(w);
         }
-        // A rollback left by the previous writer, and on Postgres this writer's savepoint, run
-        // in a task of their own: a caller that goes away meanwhile cannot cut them short and
-        // leave the batch not knowing what ran (the writer the task returns to nobody is
-        // dropped, which rolls its savepoint back).
+        // A rollback left by the previous writer runs in a task of its own: a caller that goes
+        // away meanwhile cannot cut it short and leave the batch not knowing what ran.
         tokio::spawn(w.open())
             .await
             .unwrap_or_else(|e| Err(AppError::internal(e)))
@@ -670,11 +665,17 @@ async fn planner_is_stable(db: &DatabaseConnection) -> bool {
 /// One writer's turn: a savepoint in the write batch, holding the batch lock until it commits
 /// or drops (a drop rolls back to the savepoint and leaves the rest of the batch intact).
 ///
-/// On SQLite every statement is a hand-over to sqlx's SQLite thread and back, under the lock, so
-/// a writer's statements go together: its writes wait (see [`WriteTx::exec`]) and are sent as one
-/// multi-statement execution with its next read ([`WriteTx::query`]) or with its commit, and its
-/// savepoint is opened by its first send and released by its last. A writer that only writes is
-/// one hand-over: `SAVEPOINT; writes…; RELEASE`.
+/// Every statement is a wait under the lock (on SQLite a hand-over to sqlx's SQLite thread and
+/// back, on Postgres a round trip), so a writer's statements go together: its writes wait (see
+/// [`WriteTx::exec`]) and are sent as one multi-statement execution before its next read
+/// ([`WriteTx::query`]) or with its commit, and its savepoint is opened by its first send and
+/// released by its last. A writer that only writes is one send: `SAVEPOINT; writes…; RELEASE`.
+///
+/// On SQLite the read goes in the same execution as the writes before it. On Postgres several
+/// statements go in one message only by the simple query protocol, which binds no parameters:
+/// the writes are sent with their values written into the SQL as literals (by sea-query, see
+/// [`inline_postgres`]), and a read follows as a prepared statement of its own. The batch's
+/// first send also takes the advisory write lock.
 pub struct WriteTx {
     backend: DbBackend,
     guard: Option<TurnGuard<Batch>>,
@@ -682,7 +683,7 @@ pub struct WriteTx {
     appended: usize,
     /// This writer's events, kept for the bus only while it listens.
     events: Vec<StoredEvent>,
-    /// SQLite: writes not sent yet.
+    /// Writes not sent yet.
     unsent: std::sync::Mutex<Unsent>,
     /// Whether this writer's savepoint may exist: its `SAVEPOINT` was sent (Postgres: at once).
     opened: AtomicBool,
@@ -714,6 +715,37 @@ impl Unsent {
 /// Most writes sent together (a rebuild projects thousands before its next read).
 const MAX_UNSENT: usize = 32;
 
+/// A Postgres statement with its values written in as literals, for the simple query protocol;
+/// `None` when a value has no literal that means the same (a string with a NUL character, a
+/// float that is not finite, or a type the write path does not use), and the statement is sent
+/// as a prepared statement of its own.
+fn inline_postgres(stmt: &Statement) -> Option<String> {
+    use sea_orm::Value;
+    let values = stmt.values.as_ref().map(|v| v.0.as_slice()).unwrap_or(&[]);
+    let plain = values.iter().all(|v| match v {
+        Value::String(s) => s.as_deref().is_none_or(|s| !s.contains('\0')),
+        Value::Double(d) => d.is_none_or(f64::is_finite),
+        Value::Float(f) => f.is_none_or(f32::is_finite),
+        Value::Bool(_)
+        | Value::TinyInt(_)
+        | Value::SmallInt(_)
+        | Value::Int(_)
+        | Value::BigInt(_)
+        | Value::TinyUnsigned(_)
+        | Value::SmallUnsigned(_)
+        | Value::Unsigned(_)
+        | Value::BigUnsigned(_) => true,
+        _ => false,
+    });
+    plain.then(|| {
+        sea_orm::sea_query::inject_parameters(
+            &stmt.sql,
+            values,
+            &sea_orm::sea_query::PostgresQueryBuilder,
+        )
+    })
+}
+
 /// The first column of the first row, if there is a row (a single value read or returned).
 pub(crate) fn first_value<T: sea_orm::TryGetable>(
     rows: &[QueryResult],
@@ -736,11 +768,18 @@ fn conflict_or(e: DbErr) -> AppError {
 }
 
 impl WriteTx {
-    /// The batch transaction this writer's savepoint lives in.
-    fn batch_tx(&self) -> &DatabaseTransaction {
+    /// The write batch whose turn this writer holds.
+    fn batch(&self) -> &Batch {
         self.guard
             .as_ref()
-            .and_then(|g| g.tx.as_ref())
+            .expect("a writer holds its turn until it commits")
+    }
+
+    /// The batch transaction this writer's savepoint lives in.
+    fn batch_tx(&self) -> &DatabaseTransaction {
+        self.batch()
+            .tx
+            .as_ref()
             .expect("a writer's batch transaction is open until it commits")
     }
 
@@ -765,45 +804,50 @@ impl WriteTx {
         Ok(self.batch_tx())
     }
 
-    /// Run a read (or a write with `RETURNING`) and return its rows. On SQLite it goes to the
-    /// database in one execution with this writer's unsent writes (and its savepoint, if this
-    /// is the writer's first send).
+    /// Run a read (or a write with `RETURNING`) and return its rows, after this writer's unsent
+    /// writes (and its savepoint, if this is the writer's first send): on SQLite in the same
+    /// execution, on Postgres right after them.
     pub(crate) async fn query(&self, stmt: Statement) -> Result<Vec<QueryResult>, AppError> {
-        if self.backend == DbBackend::Sqlite {
-            return self.send(Some(stmt), true).await;
-        }
-        self.usable()?;
-        self.count_send();
-        self.batch_tx()
-            .query_all_raw(stmt)
-            .await
-            .map_err(conflict_or)
+        self.send(Some(stmt), true).await
     }
 
-    /// Execute a write (insert, update, delete) built with sea-orm or sea-query. On SQLite it is
-    /// sent with this writer's other writes, with its next read or its commit (an error, such
-    /// as a conflict, surfaces there, and the writer's savepoint is rolled back all the same).
-    /// A unique-index violation (for events: the same stream version written concurrently) is
+    /// Execute a write (insert, update, delete) built with sea-orm or sea-query. It is sent with
+    /// this writer's other writes, with its next read or its commit (an error, such as a
+    /// conflict, surfaces there, and the writer's savepoint is rolled back all the same). A
+    /// unique-index violation (for events: the same stream version written concurrently) is
     /// `CONFLICT`.
     pub(crate) async fn exec(&self, stmt: &impl StatementBuilder) -> Result<(), AppError> {
         self.usable()?;
         let built = self.backend.build(stmt);
-        if self.backend == DbBackend::Sqlite {
-            let full = {
-                let mut unsent = crate::sync::lock(&self.unsent);
-                unsent.push(&built.sql, built.values);
-                unsent.statements >= MAX_UNSENT
-            };
-            if full {
-                self.send(None, false).await?;
-            }
-            return Ok(());
+        let (sql, values) = match self.backend {
+            DbBackend::Postgres => match inline_postgres(&built) {
+                Some(sql) => (sql, None),
+                None => return self.exec_prepared(built).await,
+            },
+            _ => (built.sql, built.values),
+        };
+        let full = {
+            let mut unsent = crate::sync::lock(&self.unsent);
+            unsent.push(&sql, values);
+            unsent.statements >= MAX_UNSENT
+        };
+        if full {
+            self.send(None, false).await?;
         }
+        Ok(())
+    }
+
+    /// Postgres: a write with a value that has no literal, sent as a prepared statement after
+    /// the unsent writes.
+    async fn exec_prepared(&self, stmt: Statement) -> Result<(), AppError> {
+        self.send(None, true).await?;
+        self.failed.store(true, Ordering::SeqCst);
         self.count_send();
         self.batch_tx()
-            .execute_raw(built)
+            .execute_raw(stmt)
             .await
             .map_err(conflict_or)?;
+        self.failed.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -817,33 +861,34 @@ impl WriteTx {
         Ok(())
     }
 
-    /// SQLite: send the unsent writes, followed by `then` if given, in one execution (opening
-    /// the savepoint first if it is not yet); `then`'s rows. Nothing to send: no hand-over,
-    /// unless `open` asks for the savepoint to be opened all the same (before statements run
-    /// outside this writer's sends).
+    /// Send the unsent writes, followed by `then` if given (opening the savepoint first if it
+    /// is not yet); `then`'s rows. Nothing to send: no hand-over, unless `open` asks for the
+    /// savepoint to be opened all the same (before statements run outside this writer's sends).
+    /// On SQLite `then` goes in the same execution; on Postgres right after it (see
+    /// [`WriteTx`]).
     async fn send(
         &self,
         then: Option<Statement>,
         open: bool,
     ) -> Result<Vec<QueryResult>, AppError> {
         self.usable()?;
-        if self.backend != DbBackend::Sqlite {
-            return Ok(Vec::new());
-        }
         let mut pending = {
             let mut unsent = crate::sync::lock(&self.unsent);
             std::mem::take(&mut *unsent)
         };
-        if let Some(then) = then {
-            pending.push(&then.sql, then.values);
+        let sqlite = self.backend == DbBackend::Sqlite;
+        let mut read = None;
+        match then {
+            Some(then) if sqlite => pending.push(&then.sql, then.values),
+            then => read = then,
         }
         let opening = !self.opened.load(Ordering::SeqCst);
-        if pending.sql.is_empty() && !(open && opening) {
-            return Ok(Vec::new());
-        }
         let mut batch = Unsent::default();
-        if opening {
+        if opening && (open || read.is_some() || !pending.sql.is_empty()) {
             self.opened.store(true, Ordering::SeqCst);
+            if !sqlite && !self.batch().locked.swap(true, Ordering::SeqCst) {
+                batch.push(&pg_write_lock(), None);
+            }
             batch.push(SAVEPOINT, None);
         }
         if !pending.sql.is_empty() {
@@ -852,16 +897,27 @@ impl WriteTx {
         // Marked failed until the send returns: a send that errs or is cancelled midway may
         // have applied only some of these writes.
         self.failed.store(true, Ordering::SeqCst);
-        self.count_send();
-        let rows = self
-            .batch_tx()
-            .query_all_raw(Statement::from_sql_and_values(
-                DbBackend::Sqlite,
-                batch.sql,
-                batch.values,
-            ))
-            .await
-            .map_err(conflict_or)?;
+        let mut rows = Vec::new();
+        if !batch.sql.is_empty() {
+            self.count_send();
+            let tx = self.batch_tx();
+            if sqlite {
+                let stmt = Statement::from_sql_and_values(self.backend, batch.sql, batch.values);
+                rows = tx.query_all_raw(stmt).await.map_err(conflict_or)?;
+            } else {
+                tx.execute_unprepared(&batch.sql)
+                    .await
+                    .map_err(conflict_or)?;
+            }
+        }
+        if let Some(read) = read {
+            self.count_send();
+            rows = self
+                .batch_tx()
+                .query_all_raw(read)
+                .await
+                .map_err(conflict_or)?;
+        }
         self.failed.store(false, Ordering::SeqCst);
         Ok(rows)
     }
@@ -899,32 +955,18 @@ impl WriteTx {
         }
     }
 
-    /// Settle what the previous writer left, and on Postgres open this writer's savepoint.
+    /// Settle what the previous writer left.
     async fn open(mut self) -> Result<WriteTx, AppError> {
-        let backend = self.backend;
-        let Some(guard) = self.guard.as_mut() else {
-            return Ok(self);
-        };
-        guard.settle().await?;
-        if backend == DbBackend::Postgres {
-            guard.stats.sends.fetch_add(1, Ordering::SeqCst);
-            let opened = match guard.tx.as_ref() {
-                Some(tx) => tx.execute_unprepared(SAVEPOINT).await.map(|_| ()),
-                None => Ok(()),
-            };
-            if let Err(e) = opened {
-                // An aborted Postgres transaction would "commit" as a rollback: end it here.
-                guard.abandon();
-                return Err(e.into());
-            }
-            self.opened.store(true, Ordering::SeqCst);
+        if let Some(guard) = self.guard.as_mut() {
+            guard.settle().await?;
         }
         Ok(self)
     }
 
     /// Make this writer's changes part of the batch, and return once the batch has committed.
-    /// On SQLite the unsent writes and the savepoint's release go in one send. An error leaves
-    /// the writer to its drop, which rolls its savepoint back.
+    /// The unsent writes and the savepoint's release go in one send (on Postgres with a
+    /// `pg_notify` when this writer appended events). An error leaves the writer to its drop,
+    /// which rolls its savepoint back.
     ///
     /// The commit runs in a task of its own: a caller that goes away midway (a request whose
     /// client left, a lease heartbeat stopped) cannot cut the release short and leave a
@@ -937,15 +979,20 @@ impl WriteTx {
 
     async fn finish(mut self) -> Result<(), AppError> {
         self.usable()?;
-        let release = Statement::from_string(self.backend, RELEASE);
-        if self.backend == DbBackend::Sqlite {
-            let nothing = crate::sync::lock(&self.unsent).sql.is_empty();
-            if !nothing || self.opened.load(Ordering::SeqCst) {
-                self.send(Some(release), false).await?;
+        let wrote = {
+            let mut unsent = crate::sync::lock(&self.unsent);
+            if self.backend == DbBackend::Postgres && self.appended > 0 {
+                let instance = &self.batch().feed.instance;
+                unsent.push(
+                    &format!("SELECT pg_notify('{PG_CHANNEL}', '{instance}')"),
+                    None,
+                );
             }
-        } else {
-            self.count_send();
-            self.batch_tx().execute_raw(release).await?;
+            !unsent.sql.is_empty()
+        };
+        if wrote || self.opened.load(Ordering::SeqCst) {
+            crate::sync::lock(&self.unsent).push(RELEASE, None);
+            self.send(None, false).await?;
         }
         self.opened.store(false, Ordering::SeqCst);
         let mut guard = self.guard.take().expect("commit once");
@@ -1017,6 +1064,54 @@ pub(crate) async fn test_store(dir: &std::path::Path) -> Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Postgres writes are sent with their values as literals; a value without a literal that
+    /// means the same keeps its statement prepared.
+    #[test]
+    fn postgres_writes_get_literals_only_where_they_mean_the_same() {
+        use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
+        use sea_orm::Value;
+        let update = |value: Value| {
+            DbBackend::Postgres.build(
+                Query::update()
+                    .table(Alias::new("t"))
+                    .value(Alias::new("c"), Expr::val(value))
+                    .and_where(Expr::col(Alias::new("k")).eq("it's $1 \\ ?")),
+            )
+        };
+        assert_eq!(
+            inline_postgres(&update("plain".into())).as_deref(),
+            Some(r#"UPDATE "t" SET "c" = 'plain' WHERE "k" = E'it\'s $1 \\ ?'"#)
+        );
+        assert_eq!(
+            inline_postgres(&update("a\nb\u{1}'".into())).as_deref(),
+            Some(r#"UPDATE "t" SET "c" = E'a\nb\001\'' WHERE "k" = E'it\'s $1 \\ ?'"#)
+        );
+        assert_eq!(
+            inline_postgres(&update(Value::String(None))).as_deref(),
+            Some(r#"UPDATE "t" SET "c" = NULL WHERE "k" = E'it\'s $1 \\ ?'"#)
+        );
+        assert_eq!(
+            inline_postgres(&update(2.5f64.into())).as_deref(),
+            Some(r#"UPDATE "t" SET "c" = 2.5 WHERE "k" = E'it\'s $1 \\ ?'"#)
+        );
+        assert_eq!(
+            inline_postgres(&update(true.into())).as_deref(),
+            Some(r#"UPDATE "t" SET "c" = TRUE WHERE "k" = E'it\'s $1 \\ ?'"#)
+        );
+        assert_eq!(
+            inline_postgres(&update((-7i64).into())).as_deref(),
+            Some(r#"UPDATE "t" SET "c" = -7 WHERE "k" = E'it\'s $1 \\ ?'"#)
+        );
+        for kept in [
+            Value::from("nul\0inside"),
+            Value::from(f64::NAN),
+            Value::from(f64::INFINITY),
+            Value::from(vec![1u8, 2]),
+        ] {
+            assert_eq!(inline_postgres(&update(kept.clone())), None, "{kept:?}");
+        }
+    }
 
     /// On SQLite every write turn runs on the same connection, whatever the readers do: its
     /// page cache stays valid from one turn to the next (a connection's cache is dropped when
