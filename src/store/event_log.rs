@@ -8,7 +8,7 @@ use crate::error::AppError;
 use sea_orm::sea_query::{Expr, Func, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QueryResult,
-    QuerySelect, QueryTrait, Set, Statement,
+    QuerySelect, Set, Statement,
 };
 
 /// An event to append, with the ids it is indexed by.
@@ -56,9 +56,9 @@ impl WriteTx {
             stored.push(ev);
         }
         // A concurrent writer on the same stream version makes this fail at the latest at
-        // commit (unique index on stream and version), as `CONFLICT`.
-        self.exec(&event::Entity::insert_many(models).into_query())
-            .await?;
+        // commit (unique index on stream and version), as `CONFLICT`. Inserted with the
+        // projection's writes, in one insert with the events of this writer's next appends.
+        self.defer(|d| d.events(models));
         let count = stored.len();
         self.appended_up_to(first_sequence + count as i64 - 1, count);
         self.keep_for_bus(&stored);

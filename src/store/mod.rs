@@ -119,6 +119,7 @@ pub struct WriteStats {
     writers: AtomicU64,
     commits: AtomicU64,
     sends: AtomicU64,
+    statements: AtomicU64,
     /// SQLite: passive checkpoints taken beside the writers (see [`checkpoint`]).
     checkpoints: AtomicU64,
     /// SQLite: write turns the checkpoint task took to copy the rest of a long log.
@@ -156,6 +157,12 @@ impl WriteStats {
     /// with its commit.
     pub fn sends(&self) -> u64 {
         self.sends.load(Ordering::SeqCst)
+    }
+
+    /// How many statements writers sent (through their sends; not those run on the handle
+    /// [`WriteTx::conn`] gives out).
+    pub fn statements(&self) -> u64 {
+        self.statements.load(Ordering::SeqCst)
     }
 
     /// SQLite: what the checkpoint task has done (see [`Checkpointing`]).
@@ -630,6 +637,7 @@ impl Store {
             appended: 0,
             events: Vec::new(),
             unsent: Default::default(),
+            deferred: Default::default(),
             opened: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         };
@@ -685,6 +693,9 @@ pub struct WriteTx {
     events: Vec<StoredEvent>,
     /// Writes not sent yet.
     unsent: std::sync::Mutex<Unsent>,
+    /// Read-model writes of this writer's appends not built yet: consecutive appends to a run
+    /// write its rows once (see [`projector::Deferred`]).
+    deferred: std::sync::Mutex<projector::Deferred>,
     /// Whether this writer's savepoint may exist: its `SAVEPOINT` was sent (Postgres: at once).
     opened: AtomicBool,
     /// A send failed: part of this writer's writes may be missing, so it can only roll back.
@@ -794,11 +805,19 @@ impl WriteTx {
         }
     }
 
+    /// Count statements sent.
+    fn count_statements(&self, n: usize) {
+        if let Some(g) = self.guard.as_ref() {
+            g.stats.statements.fetch_add(n as u64, Ordering::SeqCst);
+        }
+    }
+
     /// The transaction, for reads built with sea-orm (and for writes whose result is needed),
     /// once this writer's earlier writes are sent. Reads on the hot path use
     /// [`WriteTx::query`], which carries the unsent writes along instead. Use the handle at
     /// once: statements run on it go before writes this writer queues after taking it.
     pub(crate) async fn conn(&self) -> Result<&DatabaseTransaction, AppError> {
+        self.queue_deferred().await?;
         self.send(None, true).await?;
         self.count_send();
         Ok(self.batch_tx())
@@ -808,6 +827,7 @@ impl WriteTx {
     /// writes (and its savepoint, if this is the writer's first send): on SQLite in the same
     /// execution, on Postgres right after them.
     pub(crate) async fn query(&self, stmt: Statement) -> Result<Vec<QueryResult>, AppError> {
+        self.queue_deferred().await?;
         self.send(Some(stmt), true).await
     }
 
@@ -818,7 +838,36 @@ impl WriteTx {
     /// `CONFLICT`.
     pub(crate) async fn exec(&self, stmt: &impl StatementBuilder) -> Result<(), AppError> {
         self.usable()?;
-        let built = self.backend.build(stmt);
+        self.queue_deferred().await?;
+        self.queue(self.backend.build(stmt)).await
+    }
+
+    /// Defer read-model writes of an append (see [`projector::Deferred`]); they go before this
+    /// writer's next statement.
+    pub(crate) fn defer(&self, add: impl FnOnce(&mut projector::Deferred)) {
+        add(&mut crate::sync::lock(&self.deferred));
+    }
+
+    /// Queue the deferred read-model writes, in order, before anything else this writer does.
+    async fn queue_deferred(&self) -> Result<(), AppError> {
+        let built = {
+            let mut deferred = crate::sync::lock(&self.deferred);
+            if deferred.is_empty() {
+                return Ok(());
+            }
+            // A writer whose projection could not be built can only roll back.
+            deferred
+                .build(self.backend)
+                .inspect_err(|_| self.failed.store(true, Ordering::SeqCst))?
+        };
+        for stmt in built {
+            self.queue(stmt).await?;
+        }
+        Ok(())
+    }
+
+    /// Add a built write to the unsent ones (sending them once there are enough).
+    async fn queue(&self, built: Statement) -> Result<(), AppError> {
         let (sql, values) = match self.backend {
             DbBackend::Postgres => match inline_postgres(&built) {
                 Some(sql) => (sql, None),
@@ -843,6 +892,7 @@ impl WriteTx {
         self.send(None, true).await?;
         self.failed.store(true, Ordering::SeqCst);
         self.count_send();
+        self.count_statements(1);
         self.batch_tx()
             .execute_raw(stmt)
             .await
@@ -891,6 +941,7 @@ impl WriteTx {
             }
             batch.push(SAVEPOINT, None);
         }
+        self.count_statements(batch.statements + pending.statements + usize::from(read.is_some()));
         if !pending.sql.is_empty() {
             batch.push(&pending.sql, Some(sea_orm::Values(pending.values)));
         }
@@ -979,6 +1030,7 @@ impl WriteTx {
 
     async fn finish(mut self) -> Result<(), AppError> {
         self.usable()?;
+        self.queue_deferred().await?;
         let wrote = {
             let mut unsent = crate::sync::lock(&self.unsent);
             if self.backend == DbBackend::Postgres && self.appended > 0 {

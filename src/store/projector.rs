@@ -1,7 +1,7 @@
 //! Read models are projections of the log, updated in the same transaction as the append.
 
 use super::entities::{
-    approval, artifact, brand, project, run, run_queue, stage, task, thread, timeline_item,
+    approval, artifact, brand, event, project, run, run_queue, stage, task, thread, timeline_item,
 };
 use super::WriteTx;
 use crate::domain::events::{DomainEvent, StoredEvent};
@@ -9,10 +9,10 @@ use crate::domain::run::{
     Approval, ApprovalStatus, Run, RunState, RunStatus, Stage, StageStatus, Task, TaskStatus,
 };
 use crate::error::AppError;
-use sea_orm::sea_query::OnConflict;
+use sea_orm::sea_query::{OnConflict, UpdateStatement};
 use sea_orm::{
-    sea_query::IntoCondition, ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait,
-    EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, QuerySelect, QueryTrait, Set,
+    sea_query::IntoCondition, ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbBackend,
+    EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, QuerySelect, QueryTrait, Set, Statement,
 };
 
 fn json_list(list: &[String]) -> String {
@@ -235,23 +235,152 @@ async fn update_row<A: ActiveModelTrait>(
     row: A,
     which: impl IntoCondition,
 ) -> Result<(), AppError> {
-    w.exec(
-        &<A::Entity as EntityTrait>::update_many()
-            .set(row)
-            .filter(which)
-            .into_query(),
-    )
-    .await
+    w.exec(&update(row, which)).await
 }
 
-/// Write the rows of `after` that differ from `before`.
-async fn save_run(
-    w: &WriteTx,
-    before: Option<&RunState>,
-    after: &RunState,
+fn update<A: ActiveModelTrait>(row: A, which: impl IntoCondition) -> UpdateStatement {
+    <A::Entity as EntityTrait>::update_many()
+        .set(row)
+        .filter(which)
+        .into_query()
+}
+
+/// Read-model writes of a writer's appends, built when the writer next sends anything (see
+/// `WriteTx::defer`): a turn that appends to a run several times (a stage completed, then the
+/// next gate reached) writes its events and timeline items in one insert each, and each of the
+/// run's rows once, as the last append left it. Built in this order, which the foreign keys
+/// need: events, timeline items, run rows, artifacts.
+#[derive(Default)]
+pub struct Deferred {
+    events: Vec<event::ActiveModel>,
+    timeline: Vec<timeline_item::ActiveModel>,
+    runs: Vec<RunChange>,
+    artifacts: Vec<StageArtifacts>,
+}
+
+/// A run's rows to write: from `before` (as stored; `None`: not stored yet) to `after`.
+struct RunChange {
+    before: Option<RunState>,
+    after: RunState,
+    /// The last change of the run's work-queue row among the merged appends.
+    queue: Option<QueueChange>,
+}
+
+enum QueueChange {
+    /// Runnable again: the row is (re)placed, ready at this time and without a lease.
+    Ready(String),
+    /// Not runnable any more: the row goes.
+    Gone,
+}
+
+/// A stage completion's artifacts, replacing the stage's earlier ones.
+struct StageArtifacts {
+    run_id: String,
+    stage_key: String,
+    attempt: u32,
+    artifacts: Vec<crate::domain::events::ArtifactMeta>,
+}
+
+impl Deferred {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+            && self.timeline.is_empty()
+            && self.runs.is_empty()
+            && self.artifacts.is_empty()
+    }
+
+    pub(super) fn events(&mut self, rows: Vec<event::ActiveModel>) {
+        self.events.extend(rows);
+    }
+
+    fn timeline(&mut self, rows: Vec<timeline_item::ActiveModel>) {
+        self.timeline.extend(rows);
+    }
+
+    /// The run went from `before` to `after`: merged with the change deferred for the same run
+    /// just before, if there is one (its `before` stays: nothing of it is stored yet).
+    fn run(&mut self, before: Option<RunState>, after: RunState) {
+        let was_runnable = before.as_ref().is_some_and(|b| b.run.status.is_runnable());
+        let is_runnable = after.run.status.is_runnable();
+        let queue = match (was_runnable, is_runnable) {
+            (false, true) => Some(QueueChange::Ready(after.run.updated_at.clone())),
+            (true, false) => Some(QueueChange::Gone),
+            _ => None,
+        };
+        if let Some(last) = self.runs.last_mut() {
+            if last.after.run.id == after.run.id {
+                last.after = after;
+                if queue.is_some() {
+                    last.queue = queue;
+                }
+                return;
+            }
+        }
+        self.runs.push(RunChange {
+            before,
+            after,
+            queue,
+        });
+    }
+
+    /// The statements, in order; leaves nothing deferred.
+    pub fn build(&mut self, backend: DbBackend) -> Result<Vec<Statement>, AppError> {
+        let mut out = Vec::new();
+        let events = std::mem::take(&mut self.events);
+        if !events.is_empty() {
+            out.push(backend.build(&event::Entity::insert_many(events).into_query()));
+        }
+        let timeline = std::mem::take(&mut self.timeline);
+        if !timeline.is_empty() {
+            out.push(backend.build(&timeline_item::Entity::insert_many(timeline).into_query()));
+        }
+        for change in std::mem::take(&mut self.runs) {
+            run_rows(&change, backend, &mut out)?;
+        }
+        for a in std::mem::take(&mut self.artifacts) {
+            out.push(
+                backend.build(
+                    &artifact::Entity::delete_many()
+                        .filter(artifact::Column::RunId.eq(a.run_id.clone()))
+                        .filter(artifact::Column::StageKey.eq(a.stage_key.clone()))
+                        .into_query(),
+                ),
+            );
+            if !a.artifacts.is_empty() {
+                let rows = a.artifacts.iter().map(|r| artifact::ActiveModel {
+                    run_id: Set(a.run_id.clone()),
+                    stage_key: Set(a.stage_key.clone()),
+                    path: Set(r.path.clone()),
+                    kind: Set(r.kind.clone()),
+                    sha256: Set(r.sha256.clone()),
+                    size: Set(r.size),
+                    attempt: Set(a.attempt as i32),
+                });
+                out.push(backend.build(&artifact::Entity::insert_many(rows).into_query()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The writes that take a run's rows from `change.before` to `change.after`: only the rows that
+/// differ, new rows of a kind in one insert.
+fn run_rows(
+    change: &RunChange,
+    backend: DbBackend,
+    statements: &mut Vec<Statement>,
 ) -> Result<(), AppError> {
+    macro_rules! out {
+        ($stmt:expr) => {
+            statements.push(backend.build($stmt))
+        };
+    }
+    let (before, after) = (change.before.as_ref(), &change.after);
     match before {
-        None => insert_row(w, run_to_model(&after.run)?.into_active_model().reset_all()).await?,
+        None => out!(&run::Entity::insert(
+            run_to_model(&after.run)?.into_active_model().reset_all(),
+        )
+        .into_query()),
         Some(b) if b.run != after.run => {
             // Only what events change: the plan and the ids are fixed when the run is queued.
             let r = &after.run;
@@ -265,51 +394,61 @@ async fn save_run(
                 finished_at: Set(r.finished_at.clone()),
                 ..Default::default()
             };
-            update_row(w, changes, run::Column::Id.eq(r.id.clone())).await?
+            out!(&update(changes, run::Column::Id.eq(r.id.clone())))
         }
         Some(_) => {}
     }
+    let mut new_stages = Vec::new();
     for s in &after.stages {
         let old = before.and_then(|b| b.stages.iter().find(|o| o.position == s.position));
         let row = stage_to_model(s).into_active_model().reset_all();
         match old {
-            None => insert_row(w, row).await?,
+            None => new_stages.push(row),
             Some(o) if o != s => {
                 let which = Condition::all()
                     .add(stage::Column::RunId.eq(s.run_id.clone()))
                     .add(stage::Column::Position.eq(s.position));
-                update_row(w, row, which).await?
+                out!(&update(row, which))
             }
             Some(_) => {}
         }
     }
+    if !new_stages.is_empty() {
+        out!(&stage::Entity::insert_many(new_stages).into_query());
+    }
+    let mut new_approvals = Vec::new();
     for a in &after.approvals {
         let row = approval_to_model(a).into_active_model().reset_all();
         match before.and_then(|b| b.approvals.iter().find(|o| o.id == a.id)) {
-            None => insert_row(w, row).await?,
-            Some(o) if o != a => update_row(w, row, approval::Column::Id.eq(a.id.clone())).await?,
+            None => new_approvals.push(row),
+            Some(o) if o != a => out!(&update(row, approval::Column::Id.eq(a.id.clone()))),
             Some(_) => {}
         }
     }
+    if !new_approvals.is_empty() {
+        out!(&approval::Entity::insert_many(new_approvals).into_query());
+    }
+    let mut new_tasks = Vec::new();
     for t in &after.tasks {
         let row = task_to_model(t).into_active_model().reset_all();
         match before.and_then(|b| b.tasks.iter().find(|o| o.id == t.id)) {
-            None => insert_row(w, row).await?,
-            Some(o) if o != t => update_row(w, row, task::Column::Id.eq(t.id.clone())).await?,
+            None => new_tasks.push(row),
+            Some(o) if o != t => out!(&update(row, task::Column::Id.eq(t.id.clone()))),
             Some(_) => {}
         }
     }
+    if !new_tasks.is_empty() {
+        out!(&task::Entity::insert_many(new_tasks).into_query());
+    }
     // The work queue follows the run status: runnable runs have a row, others none.
-    let was_runnable = before.is_some_and(|b| b.run.status.is_runnable());
-    let is_runnable = after.run.status.is_runnable();
-    if is_runnable && !was_runnable {
-        w.exec(
-            &run_queue::Entity::insert(run_queue::ActiveModel {
+    match &change.queue {
+        Some(QueueChange::Ready(ready_at)) => {
+            out!(&run_queue::Entity::insert(run_queue::ActiveModel {
                 run_id: Set(after.run.id.clone()),
-                ready_at: Set(after.run.updated_at.clone()),
+                ready_at: Set(ready_at.clone()),
                 lease_owner: Set(None),
                 lease_until: Set(None),
-            })
+            },)
             .on_conflict(
                 OnConflict::column(run_queue::Column::RunId)
                     .update_columns([
@@ -319,16 +458,12 @@ async fn save_run(
                     ])
                     .to_owned(),
             )
-            .into_query(),
-        )
-        .await?;
-    } else if !is_runnable && was_runnable {
-        w.exec(
-            &run_queue::Entity::delete_many()
-                .filter(run_queue::Column::RunId.eq(after.run.id.clone()))
-                .into_query(),
-        )
-        .await?;
+            .into_query())
+        }
+        Some(QueueChange::Gone) => out!(&run_queue::Entity::delete_many()
+            .filter(run_queue::Column::RunId.eq(after.run.id.clone()))
+            .into_query()),
+        None => {}
     }
     Ok(())
 }
@@ -537,9 +672,12 @@ pub async fn project(
                     ..
                 } = body
                 {
-                    // Written after the run's rows: the run may be new in this batch (a replay
-                    // groups a run's consecutive events), and artifacts reference it.
-                    completed.push((run_id, stage_key, *attempt, artifacts));
+                    completed.push(StageArtifacts {
+                        run_id: run_id.clone(),
+                        stage_key: stage_key.clone(),
+                        attempt: *attempt,
+                        artifacts: artifacts.clone(),
+                    });
                 }
             }
         }
@@ -556,35 +694,16 @@ pub async fn project(
             });
         }
     }
-    if !timeline.is_empty() {
-        w.exec(&timeline_item::Entity::insert_many(timeline).into_query())
-            .await?;
-    }
-    if let Some(after) = &state {
-        save_run(w, before.as_ref(), after).await?;
-    }
-    for (run_id, stage_key, attempt, artifacts) in completed {
-        w.exec(
-            &artifact::Entity::delete_many()
-                .filter(artifact::Column::RunId.eq(run_id.clone()))
-                .filter(artifact::Column::StageKey.eq(stage_key.clone()))
-                .into_query(),
-        )
-        .await?;
-        if !artifacts.is_empty() {
-            let rows = artifacts.iter().map(|a| artifact::ActiveModel {
-                run_id: Set(run_id.clone()),
-                stage_key: Set(stage_key.clone()),
-                path: Set(a.path.clone()),
-                kind: Set(a.kind.clone()),
-                sha256: Set(a.sha256.clone()),
-                size: Set(a.size),
-                attempt: Set(attempt as i32),
-            });
-            w.exec(&artifact::Entity::insert_many(rows).into_query())
-                .await?;
+    // Written when the writer next sends anything, merged with its next appends' (see
+    // `Deferred`). Artifacts go after the run's rows: the run may be new in this batch (a
+    // replay groups a run's consecutive events), and artifacts reference it.
+    w.defer(|d| {
+        d.timeline(timeline);
+        if let Some(after) = &state {
+            d.run(before, after.clone());
         }
-    }
+        d.artifacts.extend(completed);
+    });
     Ok(state)
 }
 

@@ -457,6 +457,61 @@ async fn run_commands_decide_on_the_cached_copy(backend: Backend) {
     );
 }
 
+/// A turn that appends to a run several times writes the run's rows once, as its last append
+/// left them, and its events and timeline items in one insert each: completing the first stage
+/// and reaching the next gate is two appends in one turn. What the turn leaves is what
+/// replaying the log gives.
+async fn a_turns_appends_write_a_runs_rows_once(backend: Backend) {
+    let mut opts = Options::new(backend);
+    opts.workers = 0;
+    let app = TestApp::spawn_with(opts).await;
+    let services = app.services.clone();
+    let store = services.store.clone();
+    let thread = app.thread().await;
+    let run = app.start_run_id(&thread, "content_calendar").await;
+    let claimed = claim(&services, "worker-a").await;
+    let (_, started) = claimed.stepped.expect("the claim starts research");
+    let (stage, attempt) = started.expect("an attempt");
+
+    let before = store.write_stats().statements();
+    let (state, next) = services
+        .advance_run(
+            &run,
+            None,
+            |s| s.complete_attempt(&stage, attempt, Vec::new()),
+            true,
+        )
+        .await
+        .expect("complete research");
+    let used = store.write_stats().statements() - before;
+    assert_eq!(state.run.status, RunStatus::WaitingApproval);
+    assert_eq!(next, None);
+    assert_eq!(
+        app.event_types(&run).await[3..],
+        [
+            "WorkflowRunStageCompleted",
+            "WorkflowRunWaitingApproval",
+            "TaskCreated",
+            "ApprovalRequested"
+        ]
+    );
+    // SAVEPOINT; the four events in one insert; their timeline items in one; the run; research
+    // and brand-voice; the gate's approval and task; the queue row gone; research's artifacts
+    // replaced (none); RELEASE. Postgres adds the write lock, the log's head and the
+    // notification. Projected append by append, the events, timeline items and the run would
+    // be written twice each (14 on SQLite).
+    let expected = if store.is_postgres() { 14 } else { 11 };
+    assert_eq!(used, expected);
+
+    let live = store.dump_read_models().await.expect("dump");
+    let n = store.rebuild_projections().await.expect("rebuild");
+    assert_eq!(n as i64, app.head().await);
+    let rebuilt = store.dump_read_models().await.expect("dump");
+    for (table, rows) in &live {
+        assert_eq!(rows, &rebuilt[table], "table {table} differs after rebuild");
+    }
+}
+
 /// With `stale` as the process's copy of the run, approve the gate the run waits at (`gate`,
 /// as stored): the approval is decided on the stored run.
 async fn approve_on_stale_copy(app: &TestApp, stale: &RunState, gate: &RunState) {
@@ -576,6 +631,7 @@ crate::both_backends!(
     awkward_text_round_trips,
     a_claim_steps_or_leaves_nothing,
     run_commands_decide_on_the_cached_copy,
+    a_turns_appends_write_a_runs_rows_once,
     requests_go_before_the_runtimes_waiting_writes
 );
 
