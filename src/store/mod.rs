@@ -607,8 +607,8 @@ impl Store {
     }
 
     /// Begin a serialized write for a client's command: a savepoint in the open write batch
-    /// (opened here if none is). On SQLite the savepoint is opened with the writer's first send
-    /// (see [`WriteTx`]). Requests take their turn before the runtime's waiting writes (see
+    /// (opened here if none is). The savepoint is opened with the writer's first send (see
+    /// [`WriteTx`]). Requests take their turn before the runtime's waiting writes (see
     /// [`turns`]).
     pub async fn write(&self) -> Result<WriteTx, AppError> {
         self.write_as(Turn::Request).await
@@ -646,7 +646,7 @@ impl Store {
         }
         // A rollback left by the previous writer runs in a task of its own: a caller that goes
         // away meanwhile cannot cut it short and leave the batch not knowing what ran.
-        tokio::spawn(w.open())
+        tokio::spawn(w.open(self.writer.clone()))
             .await
             .unwrap_or_else(|e| Err(AppError::internal(e)))
     }
@@ -681,7 +681,7 @@ async fn planner_is_stable(db: &DatabaseConnection) -> bool {
 ///
 /// On SQLite the read goes in the same execution as the writes before it. On Postgres several
 /// statements go in one message only by the simple query protocol, which binds no parameters:
-/// the writes are sent with their values written into the SQL as literals (by sea-query, see
+/// the writes are sent with their values written into the SQL as literals (see
 /// [`inline_postgres`]), and a read follows as a prepared statement of its own. The batch's
 /// first send also takes the advisory write lock.
 pub struct WriteTx {
@@ -696,7 +696,7 @@ pub struct WriteTx {
     /// Read-model writes of this writer's appends not built yet: consecutive appends to a run
     /// write its rows once (see [`projector::Deferred`]).
     deferred: std::sync::Mutex<projector::Deferred>,
-    /// Whether this writer's savepoint may exist: its `SAVEPOINT` was sent (Postgres: at once).
+    /// Whether this writer's savepoint may exist: its `SAVEPOINT` was sent (with its first send).
     opened: AtomicBool,
     /// A send failed: part of this writer's writes may be missing, so it can only roll back.
     failed: AtomicBool,
@@ -727,33 +727,100 @@ impl Unsent {
 const MAX_UNSENT: usize = 32;
 
 /// A Postgres statement with its values written in as literals, for the simple query protocol;
-/// `None` when a value has no literal that means the same (a string with a NUL character, a
-/// float that is not finite, or a type the write path does not use), and the statement is sent
-/// as a prepared statement of its own.
+/// `None` when that cannot be done so that it means the same as the prepared statement (a
+/// string with a NUL character, a float that is not finite, a type the write path does not use,
+/// SQL this function does not read with certainty), and the statement is sent prepared.
+///
+/// Each `$n` outside quotes becomes the literal of value n. Strings are `'…'` with quotes
+/// doubled, and `E'…'` with backslashes doubled when they hold one: the same whatever
+/// `standard_conforming_strings` and `backslash_quote` are. Negative numbers are parenthesized
+/// (`-$1` must not become a comment), floats are typed (`'2.0'::float8`, exact and signed).
 fn inline_postgres(stmt: &Statement) -> Option<String> {
-    use sea_orm::Value;
     let values = stmt.values.as_ref().map(|v| v.0.as_slice()).unwrap_or(&[]);
-    let plain = values.iter().all(|v| match v {
-        Value::String(s) => s.as_deref().is_none_or(|s| !s.contains('\0')),
-        Value::Double(d) => d.is_none_or(f64::is_finite),
-        Value::Float(f) => f.is_none_or(f32::is_finite),
-        Value::Bool(_)
-        | Value::TinyInt(_)
-        | Value::SmallInt(_)
-        | Value::Int(_)
-        | Value::BigInt(_)
-        | Value::TinyUnsigned(_)
-        | Value::SmallUnsigned(_)
-        | Value::Unsigned(_)
-        | Value::BigUnsigned(_) => true,
-        _ => false,
-    });
-    plain.then(|| {
-        sea_orm::sea_query::inject_parameters(
-            &stmt.sql,
-            values,
-            &sea_orm::sea_query::PostgresQueryBuilder,
-        )
+    if values.is_empty() {
+        return Some(stmt.sql.clone());
+    }
+    let literals = values.iter().map(pg_literal).collect::<Option<Vec<_>>>()?;
+    let sql = &stmt.sql;
+    if sql.contains('\\') {
+        return None;
+    }
+    let mut out =
+        String::with_capacity(sql.len() + literals.iter().map(String::len).sum::<usize>());
+    let mut quote = None;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) => {
+                out.push(c);
+                if c == q {
+                    quote = None;
+                }
+            }
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                out.push(c);
+            }
+            (None, '$') => {
+                let mut n = 0usize;
+                let mut digits = 0;
+                while let Some(d) = chars.peek().and_then(|c| c.to_digit(10)) {
+                    n = n.checked_mul(10)?.checked_add(d as usize)?;
+                    digits += 1;
+                    chars.next();
+                }
+                if digits == 0 {
+                    return None;
+                }
+                out.push_str(literals.get(n.checked_sub(1)?)?);
+            }
+            (None, c) => out.push(c),
+        }
+    }
+    quote.is_none().then_some(out)
+}
+
+/// The Postgres literal of a value (see [`inline_postgres`]).
+fn pg_literal(value: &sea_orm::Value) -> Option<String> {
+    use sea_orm::Value;
+    fn int(n: impl std::fmt::Display + PartialOrd + Default) -> String {
+        if n < Default::default() {
+            format!("({n})")
+        } else {
+            n.to_string()
+        }
+    }
+    Some(match value {
+        Value::String(Some(s)) if s.contains('\0') => return None,
+        Value::String(Some(s)) if s.contains('\\') => {
+            format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+        }
+        Value::String(Some(s)) => format!("'{}'", s.replace('\'', "''")),
+        Value::Double(Some(f)) if f.is_finite() => format!("'{f:?}'::float8"),
+        Value::Float(Some(f)) if f.is_finite() => format!("'{f:?}'::float4"),
+        Value::Double(Some(_)) | Value::Float(Some(_)) => return None,
+        Value::Bool(Some(b)) => if *b { "TRUE" } else { "FALSE" }.into(),
+        Value::TinyInt(Some(n)) => int(*n),
+        Value::SmallInt(Some(n)) => int(*n),
+        Value::Int(Some(n)) => int(*n),
+        Value::BigInt(Some(n)) => int(*n),
+        Value::TinyUnsigned(Some(n)) => n.to_string(),
+        Value::SmallUnsigned(Some(n)) => n.to_string(),
+        Value::Unsigned(Some(n)) => n.to_string(),
+        Value::BigUnsigned(Some(n)) => n.to_string(),
+        Value::String(None)
+        | Value::Double(None)
+        | Value::Float(None)
+        | Value::Bool(None)
+        | Value::TinyInt(None)
+        | Value::SmallInt(None)
+        | Value::Int(None)
+        | Value::BigInt(None)
+        | Value::TinyUnsigned(None)
+        | Value::SmallUnsigned(None)
+        | Value::Unsigned(None)
+        | Value::BigUnsigned(None) => "NULL".into(),
+        _ => return None,
     })
 }
 
@@ -936,6 +1003,8 @@ impl WriteTx {
         let mut batch = Unsent::default();
         if opening && (open || read.is_some() || !pending.sql.is_empty()) {
             self.opened.store(true, Ordering::SeqCst);
+            // Before the savepoint, at the transaction's top level: a lock taken inside a
+            // savepoint would go when a writer's changes are rolled back to it.
             if !sqlite && !self.batch().locked.swap(true, Ordering::SeqCst) {
                 batch.push(&pg_write_lock(), None);
             }
@@ -956,6 +1025,7 @@ impl WriteTx {
                 let stmt = Statement::from_sql_and_values(self.backend, batch.sql, batch.values);
                 rows = tx.query_all_raw(stmt).await.map_err(conflict_or)?;
             } else {
+                debug_assert!(batch.values.is_empty(), "Postgres sends carry literals");
                 tx.execute_unprepared(&batch.sql)
                     .await
                     .map_err(conflict_or)?;
@@ -1006,10 +1076,16 @@ impl WriteTx {
         }
     }
 
-    /// Settle what the previous writer left.
-    async fn open(mut self) -> Result<WriteTx, AppError> {
+    /// Settle what the previous writer left. If that fails, the batch is abandoned (its waiting
+    /// writers are told it failed); nothing of this writer's is in it, so it goes on in a new
+    /// transaction on `db`.
+    async fn open(mut self, db: DatabaseConnection) -> Result<WriteTx, AppError> {
         if let Some(guard) = self.guard.as_mut() {
-            guard.settle().await?;
+            if let Err(e) = guard.settle().await {
+                tracing::warn!(error = ?e, "rolled a write batch back: its last writer's changes could not be undone alone");
+                guard.tx = Some(db.begin().await?);
+                guard.locked.store(false, Ordering::SeqCst);
+            }
         }
         Ok(self)
     }
@@ -1118,7 +1194,7 @@ mod tests {
     use super::*;
 
     /// Postgres writes are sent with their values as literals; a value without a literal that
-    /// means the same keeps its statement prepared.
+    /// means the same, or SQL not read with certainty, keeps its statement prepared.
     #[test]
     fn postgres_writes_get_literals_only_where_they_mean_the_same() {
         use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
@@ -1128,33 +1204,31 @@ mod tests {
                 Query::update()
                     .table(Alias::new("t"))
                     .value(Alias::new("c"), Expr::val(value))
-                    .and_where(Expr::col(Alias::new("k")).eq("it's $1 \\ ?")),
+                    .and_where(Expr::col(Alias::new("k")).eq("it's $1 ?")),
             )
         };
+        let set = |value: Value| {
+            let sql = inline_postgres(&update(value))?;
+            let rest = sql.strip_prefix(r#"UPDATE "t" SET "c" = "#)?;
+            Some(
+                rest.strip_suffix(r#" WHERE "k" = 'it''s $1 ?'"#)?
+                    .to_string(),
+            )
+        };
+        assert_eq!(set("plain".into()).as_deref(), Some("'plain'"));
+        assert_eq!(set("O'Brien".into()).as_deref(), Some("'O''Brien'"));
         assert_eq!(
-            inline_postgres(&update("plain".into())).as_deref(),
-            Some(r#"UPDATE "t" SET "c" = 'plain' WHERE "k" = E'it\'s $1 \\ ?'"#)
+            set("a\\'b\n\u{1}".into()).as_deref(),
+            Some("E'a\\\\''b\n\u{1}'")
         );
-        assert_eq!(
-            inline_postgres(&update("a\nb\u{1}'".into())).as_deref(),
-            Some(r#"UPDATE "t" SET "c" = E'a\nb\001\'' WHERE "k" = E'it\'s $1 \\ ?'"#)
-        );
-        assert_eq!(
-            inline_postgres(&update(Value::String(None))).as_deref(),
-            Some(r#"UPDATE "t" SET "c" = NULL WHERE "k" = E'it\'s $1 \\ ?'"#)
-        );
-        assert_eq!(
-            inline_postgres(&update(2.5f64.into())).as_deref(),
-            Some(r#"UPDATE "t" SET "c" = 2.5 WHERE "k" = E'it\'s $1 \\ ?'"#)
-        );
-        assert_eq!(
-            inline_postgres(&update(true.into())).as_deref(),
-            Some(r#"UPDATE "t" SET "c" = TRUE WHERE "k" = E'it\'s $1 \\ ?'"#)
-        );
-        assert_eq!(
-            inline_postgres(&update((-7i64).into())).as_deref(),
-            Some(r#"UPDATE "t" SET "c" = -7 WHERE "k" = E'it\'s $1 \\ ?'"#)
-        );
+        assert_eq!(set(Value::String(None)).as_deref(), Some("NULL"));
+        assert_eq!(set(2.5f64.into()).as_deref(), Some("'2.5'::float8"));
+        assert_eq!(set(2.0f64.into()).as_deref(), Some("'2.0'::float8"));
+        assert_eq!(set((-0.0f64).into()).as_deref(), Some("'-0.0'::float8"));
+        assert_eq!(set(0.1f32.into()).as_deref(), Some("'0.1'::float4"));
+        assert_eq!(set(true.into()).as_deref(), Some("TRUE"));
+        assert_eq!(set((-7i64).into()).as_deref(), Some("(-7)"));
+        assert_eq!(set(7i32.into()).as_deref(), Some("7"));
         for kept in [
             Value::from("nul\0inside"),
             Value::from(f64::NAN),
@@ -1163,6 +1237,26 @@ mod tests {
         ] {
             assert_eq!(inline_postgres(&update(kept.clone())), None, "{kept:?}");
         }
+
+        // Placeholders past 9, and `$n` inside quotes left alone.
+        let raw = |sql: &str, values: Vec<Value>| {
+            inline_postgres(&Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                values,
+            ))
+        };
+        let values: Vec<Value> = (1..=11i64).map(Value::from).collect();
+        assert_eq!(
+            raw(r#"SELECT $11, "a$1", '$1''$2', $1, $10"#, values).as_deref(),
+            Some(r#"SELECT 11, "a$1", '$1''$2', 1, 10"#)
+        );
+        // What is not read with certainty stays prepared.
+        assert_eq!(raw("SELECT $2", vec![1i64.into()]), None);
+        assert_eq!(raw("SELECT $0", vec![1i64.into()]), None);
+        assert_eq!(raw("SELECT $$x$$, $1", vec![1i64.into()]), None);
+        assert_eq!(raw("SELECT E'\\'', $1", vec![1i64.into()]), None);
+        assert_eq!(raw("SELECT 'open, $1", vec![1i64.into()]), None);
     }
 
     /// On SQLite every write turn runs on the same connection, whatever the readers do: its

@@ -7,6 +7,7 @@ mod checkpoints;
 mod console;
 mod crash;
 mod http;
+mod postgres_sends;
 mod rebuild;
 mod runs;
 mod runtime_faults;

@@ -12,7 +12,7 @@ use vm_workflow::service::Services;
 use vm_workflow::store::event_log::NewEvent;
 use vm_workflow::store::{EventFilter, Store, WriteTx};
 
-fn meta() -> EventMeta {
+pub(crate) fn meta() -> EventMeta {
     EventMeta {
         actor: Actor::user("tester"),
         correlation_id: None,
@@ -20,7 +20,7 @@ fn meta() -> EventMeta {
     }
 }
 
-fn brand_created(id: &str) -> Vec<NewEvent> {
+pub(crate) fn brand_created(id: &str) -> Vec<NewEvent> {
     vec![NewEvent {
         body: DomainEvent::BrandCreated {
             brand_id: id.to_string(),
@@ -31,7 +31,7 @@ fn brand_created(id: &str) -> Vec<NewEvent> {
     }]
 }
 
-async fn until_queued(store: &Store, n: usize) {
+pub(crate) async fn until_queued(store: &Store, n: usize) {
     for _ in 0..500 {
         if store.queued_writers() == n {
             return;
@@ -78,7 +78,7 @@ pub(crate) async fn writer_with_brand(store: &Store, id: &str) -> WriteTx {
 }
 
 /// The streams of the committed events after `head`, in log order.
-async fn streams_after(store: &Store, head: i64) -> Vec<String> {
+pub(crate) async fn streams_after(store: &Store, head: i64) -> Vec<String> {
     let events = store
         .read_events(head, &EventFilter::default(), 100)
         .await

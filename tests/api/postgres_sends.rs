@@ -1,0 +1,151 @@
+//! Postgres only: a writer's writes go in one simple-query message with their values as SQL
+//! literals, and the batch's first send takes the advisory write lock (src/store/mod.rs).
+
+use crate::helpers::{fresh_pg_database, pg_admin_url, Backend, Options, TestApp};
+use crate::store::{brand_created, meta, streams_after, until_queued};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+use sea_orm::{DatabaseTransaction, TransactionTrait};
+use serde_json::json;
+use std::sync::Arc;
+use vm_workflow::store::Store;
+
+/// The store's advisory write lock (`PG_WRITE_LOCK_KEY` in src/store/mod.rs).
+const WRITE_LOCK: i64 = 0x766d_776f_726b;
+
+/// A fresh database with `settings` (`ALTER DATABASE … SET …`), an app on it without workers,
+/// and the database's address.
+async fn app_on_database_with(settings: &[&str]) -> (TestApp, Arc<Store>, String) {
+    let url = fresh_pg_database().await;
+    let name = url.rsplit('/').next().expect("a database name").to_string();
+    let admin = Database::connect(pg_admin_url()).await.expect("admin");
+    for setting in settings {
+        admin
+            .execute_unprepared(&format!("ALTER DATABASE {name} SET {setting}"))
+            .await
+            .expect("set");
+    }
+    let _ = admin.close().await;
+    let mut opts = Options::new(Backend::Postgres);
+    opts.workers = 0;
+    opts.database_url = Some(url.clone());
+    let app = TestApp::spawn_with(opts).await;
+    let store = app.services.store.clone();
+    (app, store, url)
+}
+
+/// Whether another connection can take the write lock right now (it lets go at once).
+async fn lock_is_free(other: &DatabaseConnection) -> bool {
+    let tx = other.begin().await.expect("begin");
+    let free = try_lock(&tx).await;
+    tx.rollback().await.expect("rollback");
+    free
+}
+
+async fn try_lock(tx: &DatabaseTransaction) -> bool {
+    tx.query_one_raw(Statement::from_string(
+        DbBackend::Postgres,
+        format!("SELECT pg_try_advisory_xact_lock({WRITE_LOCK})"),
+    ))
+    .await
+    .expect("try the lock")
+    .and_then(|r| r.try_get_by_index::<bool>(0).ok())
+    .expect("a row")
+}
+
+/// Literals mean the same whatever the server's quoting settings: quotes are doubled, and
+/// backslashes doubled inside `E'…'` (a `\'` would be refused with `backslash_quote = off`).
+#[tokio::test]
+async fn text_round_trips_whatever_the_quoting_settings() {
+    let (app, _store, _) =
+        app_on_database_with(&["backslash_quote = off", "standard_conforming_strings = off"]).await;
+    for name in ["O'Brien", "back\\slash \\' and ''", "plain"] {
+        let brand = app
+            .data(
+                "mutation($n:String!) { createBrand(input:{name:$n}) { brand { id } } }",
+                json!({ "n": name }),
+            )
+            .await["createBrand"]["brand"]["id"]
+            .clone();
+        let back = app
+            .data(
+                "query($b:ID!) { brand(id:$b) { name } }",
+                json!({ "b": brand }),
+            )
+            .await;
+        assert_eq!(back["brand"]["name"], json!(name));
+    }
+}
+
+/// The lock statement fails (here `lock_timeout` while another instance holds the lock): only
+/// the writer whose send it was fails. The next writer in line, which has nothing in the
+/// abandoned batch, goes on in a new one once the lock is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_lock_fails_only_its_writer() {
+    let (_app, store, url) = app_on_database_with(&["lock_timeout = '300ms'"]).await;
+    let other = Database::connect(&url).await.expect("another instance");
+    let holder = other.begin().await.expect("begin");
+    assert!(try_lock(&holder).await, "the other instance takes the lock");
+
+    let mut a = store.write().await.expect("writer a");
+    let b = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut w = store.write().await?;
+            w.append("brand:lb", 0, &meta(), brand_created("lb"))
+                .await?;
+            w.commit().await
+        })
+    };
+    until_queued(&store, 1).await;
+    let head = store.head_sequence().await.expect("head");
+    let refused = a.append("brand:la", 0, &meta(), brand_created("la")).await;
+    assert!(refused.is_err(), "the lock timed out: {refused:?}");
+    holder.commit().await.expect("the other instance lets go");
+    drop(a);
+    let b = b.await.expect("b joins");
+    assert!(b.is_ok(), "b had nothing in the abandoned batch: {b:?}");
+    assert_eq!(streams_after(&store, head).await, ["brand:lb"]);
+}
+
+/// The lock is taken before the batch's first savepoint, at the transaction's top level: when
+/// the writer that took it is rolled back to its savepoint, the lock stays held for the rest of
+/// the batch, and the batch's commit lets go of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_outlives_the_writer_that_took_it() {
+    let (_app, store, url) = app_on_database_with(&[]).await;
+    let other = Database::connect(&url).await.expect("another instance");
+    let mut a = store.write().await.expect("writer a");
+    a.append("brand:ka", 0, &meta(), brand_created("ka"))
+        .await
+        .expect("append");
+    a.commit().await.expect("commit");
+    assert!(lock_is_free(&other).await, "no batch is open");
+    let head = store.head_sequence().await.expect("head");
+
+    // b opens the next batch (its first send takes the lock), then fails: version 0 of
+    // brand:ka exists. c is in line and goes on in the same batch.
+    let mut b = store.write().await.expect("writer b");
+    b.append("brand:ka", 0, &meta(), brand_created("ka"))
+        .await
+        .expect("queued");
+    assert!(!lock_is_free(&other).await, "b's first send took the lock");
+    let c_in_line = {
+        let store = store.clone();
+        tokio::spawn(async move { store.write().await })
+    };
+    until_queued(&store, 1).await;
+    let conflict = b.run_version("no-such-run").await;
+    assert!(conflict.is_err(), "{conflict:?}");
+    drop(b);
+    let mut c = c_in_line.await.expect("c joins").expect("c's turn");
+    assert!(
+        !lock_is_free(&other).await,
+        "the lock outlives b's rollback"
+    );
+    c.append("brand:kc", 0, &meta(), brand_created("kc"))
+        .await
+        .expect("append");
+    c.commit().await.expect("c commits the batch");
+    assert!(lock_is_free(&other).await, "the commit let go of the lock");
+    assert_eq!(streams_after(&store, head).await, ["brand:kc"]);
+}
