@@ -749,6 +749,7 @@ fn inline_postgres(stmt: &Statement) -> Option<String> {
         String::with_capacity(sql.len() + literals.iter().map(String::len).sum::<usize>());
     let mut quote = None;
     let mut chars = sql.chars().peekable();
+    let mut previous = ' ';
     while let Some(c) = chars.next() {
         match (quote, c) {
             (Some(q), c) => {
@@ -761,6 +762,8 @@ fn inline_postgres(stmt: &Statement) -> Option<String> {
                 quote = Some(c);
                 out.push(c);
             }
+            // `a$1` is an identifier, not a placeholder.
+            (None, '$') if previous.is_alphanumeric() || previous == '_' => return None,
             (None, '$') => {
                 let mut n = 0usize;
                 let mut digits = 0;
@@ -776,6 +779,7 @@ fn inline_postgres(stmt: &Statement) -> Option<String> {
             }
             (None, c) => out.push(c),
         }
+        previous = c;
     }
     quote.is_none().then_some(out)
 }
@@ -917,6 +921,7 @@ impl WriteTx {
 
     /// Queue the deferred read-model writes, in order, before anything else this writer does.
     async fn queue_deferred(&self) -> Result<(), AppError> {
+        self.usable()?;
         let built = {
             let mut deferred = crate::sync::lock(&self.deferred);
             if deferred.is_empty() {
@@ -1257,6 +1262,7 @@ mod tests {
         assert_eq!(raw("SELECT $$x$$, $1", vec![1i64.into()]), None);
         assert_eq!(raw("SELECT E'\\'', $1", vec![1i64.into()]), None);
         assert_eq!(raw("SELECT 'open, $1", vec![1i64.into()]), None);
+        assert_eq!(raw("SELECT a$1, $1", vec![1i64.into()]), None);
     }
 
     /// On SQLite every write turn runs on the same connection, whatever the readers do: its

@@ -297,16 +297,10 @@ impl Deferred {
         self.timeline.extend(rows);
     }
 
-    /// The run went from `before` to `after`: merged with the change deferred for the same run
-    /// just before, if there is one (its `before` stays: nothing of it is stored yet).
-    fn run(&mut self, before: Option<RunState>, after: RunState) {
-        let was_runnable = before.as_ref().is_some_and(|b| b.run.status.is_runnable());
-        let is_runnable = after.run.status.is_runnable();
-        let queue = match (was_runnable, is_runnable) {
-            (false, true) => Some(QueueChange::Ready(after.run.updated_at.clone())),
-            (true, false) => Some(QueueChange::Gone),
-            _ => None,
-        };
+    /// The run went from `before` to `after`, its queue row last changed by `queue`: merged
+    /// with the change deferred for the same run just before, if there is one (its `before`
+    /// stays: nothing of it is stored yet).
+    fn run(&mut self, before: Option<RunState>, after: RunState, queue: Option<QueueChange>) {
         if let Some(last) = self.runs.last_mut() {
             if last.after.run.id == after.run.id {
                 last.after = after;
@@ -633,6 +627,9 @@ pub async fn project(
 ) -> Result<Option<RunState>, AppError> {
     let mut before = run.clone();
     let mut state = run;
+    // The work queue follows the run status, event by event (however the events are grouped,
+    // live or in a rebuild): runnable runs have a row, ready since they last became runnable.
+    let mut queue = None;
     let mut timeline = Vec::new();
     let mut completed = Vec::new();
     for ev in events {
@@ -647,6 +644,10 @@ pub async fn project(
             | DomainEvent::ThreadModeRemoved { .. } => apply_workspace(w, ev).await?,
             DomainEvent::WorkflowRunQueued { thread_id, .. } => {
                 state = RunState::from_queued(ev);
+                queue = state
+                    .as_ref()
+                    .filter(|q| q.run.status.is_runnable())
+                    .map(|q| QueueChange::Ready(q.run.updated_at.clone()));
                 before = None;
                 touch_thread(w, thread_id, &ev.occurred_at).await?;
             }
@@ -663,7 +664,15 @@ pub async fn project(
                         ev.run_id
                     )));
                 };
+                let was_runnable = s.run.status.is_runnable();
                 s.apply(ev);
+                if s.run.status.is_runnable() != was_runnable {
+                    queue = Some(if was_runnable {
+                        QueueChange::Gone
+                    } else {
+                        QueueChange::Ready(s.run.updated_at.clone())
+                    });
+                }
                 if let DomainEvent::WorkflowRunStageCompleted {
                     run_id,
                     stage_key,
@@ -700,7 +709,7 @@ pub async fn project(
     w.defer(|d| {
         d.timeline(timeline);
         if let Some(after) = &state {
-            d.run(before, after.clone());
+            d.run(before, after.clone(), queue);
         }
         d.artifacts.extend(completed);
     });

@@ -95,7 +95,14 @@ impl Store {
             .order_by_asc(run_queue::Column::RunId)
             .all(c)
             .await?;
-        out.insert("run_queue", queued.into_iter().map(|r| r.run_id).collect());
+        // Leases are the workers' state, not the log's: not compared.
+        out.insert(
+            "run_queue",
+            queued
+                .into_iter()
+                .map(|r| format!("{} ready at {}", r.run_id, r.ready_at))
+                .collect(),
+        );
         Ok(out)
     }
 }

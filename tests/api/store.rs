@@ -4,8 +4,8 @@ use crate::helpers::{Backend, Options, TestApp};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use vm_workflow::domain::events::{Actor, DomainEvent, EventMeta};
-use vm_workflow::domain::run::{RunState, RunStatus};
+use vm_workflow::domain::events::{Actor, ArtifactMeta, DomainEvent, EventMeta};
+use vm_workflow::domain::run::{RunState, RunStatus, StageStatus, Step};
 use vm_workflow::error::AppError;
 use vm_workflow::service::runs::Claimed;
 use vm_workflow::service::Services;
@@ -512,6 +512,123 @@ async fn a_turns_appends_write_a_runs_rows_once(backend: Backend) {
     }
 }
 
+/// Append `events` to the run in `w` and project them; the run's new state.
+async fn append_to_run(w: &mut WriteTx, state: RunState, events: Vec<DomainEvent>) -> RunState {
+    let new = events
+        .into_iter()
+        .map(|body| NewEvent {
+            body,
+            thread_id: Some(state.run.thread_id.clone()),
+            run_id: Some(state.run.id.clone()),
+        })
+        .collect();
+    let stream = format!("run:{}", state.run.id);
+    let version = state.run.version;
+    let (_, after) = w
+        .append_and_project(&stream, version, &meta(), new, Some(state))
+        .await
+        .expect("append");
+    after.expect("the run's state")
+}
+
+/// Complete the running attempt of `state`'s run (with one artifact), then take its next step
+/// (here: stop at the next gate).
+async fn complete_and_gate(w: &mut WriteTx, state: RunState, artifact: &str) -> RunState {
+    let running = state
+        .stages
+        .iter()
+        .find(|s| s.status == StageStatus::Running)
+        .expect("a running stage");
+    let (key, attempt) = (running.key.clone(), running.attempts);
+    let artifacts = vec![ArtifactMeta {
+        path: artifact.into(),
+        kind: "md".into(),
+        sha256: "0".repeat(64),
+        size: 3,
+    }];
+    let events = state
+        .complete_attempt(&key, attempt, artifacts)
+        .expect("complete");
+    let done = append_to_run(w, state, events).await;
+    let Step::Gate { stage_key } = done.next_step() else {
+        panic!("a gate comes next: {:?}", done.next_step());
+    };
+    let events = done.stop_at_gate(&stage_key).expect("gate");
+    append_to_run(w, done, events).await
+}
+
+/// Approve the gate the run waits at.
+async fn approve_in(w: &mut WriteTx, state: RunState) -> RunState {
+    let (events, _) = state.approve(None, "editor", None).expect("approve");
+    append_to_run(w, state, events).await
+}
+
+/// Appends merged in one turn leave what a replay of the log leaves, the work queue's rows and
+/// their ready times included: a run taken through a completed stage, a gate (not runnable),
+/// its approval (runnable again) and the next attempt in one turn; two runs interleaved in
+/// another.
+async fn merged_appends_equal_a_replay(backend: Backend) {
+    let mut opts = Options::new(backend);
+    opts.workers = 0;
+    let app = TestApp::spawn_with(opts).await;
+    let services = app.services.clone();
+    let store = services.store.clone();
+    let thread = app.thread().await;
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        app.start_run_id(&thread, "content_calendar").await;
+    }
+    for _ in 0..3 {
+        let (state, started) = claim(&services, "worker-a").await.stepped.expect("a step");
+        assert!(started.is_some(), "an attempt started");
+        running.push(state);
+    }
+    let [a, b, c] = <[RunState; 3]>::try_from(running).expect("three runs");
+
+    let mut w = store.write().await.expect("writer");
+    let a = complete_and_gate(&mut w, a, "a1").await;
+    assert!(!a.run.status.is_runnable());
+    let a = approve_in(&mut w, a).await;
+    assert!(a.run.status.is_runnable());
+    let a_ready = a.run.updated_at.clone();
+    let Step::Execute { stage_key, attempt } = a.next_step() else {
+        panic!("an attempt comes next: {:?}", a.next_step());
+    };
+    let events = a.start_attempt(&stage_key, attempt).expect("start");
+    let a = append_to_run(&mut w, a, events).await;
+    w.commit().await.expect("commit");
+
+    let mut w = store.write().await.expect("writer");
+    let b = complete_and_gate(&mut w, b, "b1").await;
+    let c = complete_and_gate(&mut w, c, "c1").await;
+    let b = approve_in(&mut w, b).await;
+    let c = approve_in(&mut w, c).await;
+    w.commit().await.expect("commit");
+    for run in [&a, &b, &c] {
+        assert!(run.run.status.is_runnable(), "{:?}", run.run.status);
+    }
+
+    let live = store.dump_read_models().await.expect("dump");
+    let queue = &live["run_queue"];
+    assert_eq!(queue.len(), 3, "{queue:?}");
+    for (run, approved_at) in [
+        (&a, &a_ready),
+        (&b, &b.run.updated_at),
+        (&c, &c.run.updated_at),
+    ] {
+        let row = format!("{} ready at {approved_at}", run.run.id);
+        assert!(
+            queue.contains(&row),
+            "ready since its approval: {row} in {queue:?}"
+        );
+    }
+    store.rebuild_projections().await.expect("rebuild");
+    let rebuilt = store.dump_read_models().await.expect("dump");
+    for (table, rows) in &live {
+        assert_eq!(rows, &rebuilt[table], "table {table} differs after rebuild");
+    }
+}
+
 /// With `stale` as the process's copy of the run, approve the gate the run waits at (`gate`,
 /// as stored): the approval is decided on the stored run.
 async fn approve_on_stale_copy(app: &TestApp, stale: &RunState, gate: &RunState) {
@@ -632,6 +749,7 @@ crate::both_backends!(
     a_claim_steps_or_leaves_nothing,
     run_commands_decide_on_the_cached_copy,
     a_turns_appends_write_a_runs_rows_once,
+    merged_appends_equal_a_replay,
     requests_go_before_the_runtimes_waiting_writes
 );
 
