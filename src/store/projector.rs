@@ -357,6 +357,32 @@ impl Deferred {
     }
 }
 
+/// The writes that take one kind of a run's rows (stages, approvals, tasks) from `before` to
+/// `after`: new rows in one insert, changed rows updated where `which` selects them.
+fn child_rows<T: PartialEq, A: ActiveModelTrait>(
+    backend: DbBackend,
+    statements: &mut Vec<Statement>,
+    after: &[T],
+    before: Option<&[T]>,
+    same_row: impl Fn(&T, &T) -> bool,
+    row: impl Fn(&T) -> A,
+    which: impl Fn(&T) -> Condition,
+) {
+    let mut new = Vec::new();
+    for item in after {
+        match before.and_then(|b| b.iter().find(|old| same_row(old, item))) {
+            None => new.push(row(item)),
+            Some(old) if old != item => {
+                statements.push(backend.build(&update(row(item), which(item))))
+            }
+            Some(_) => {}
+        }
+    }
+    if !new.is_empty() {
+        statements.push(backend.build(&A::Entity::insert_many(new).into_query()));
+    }
+}
+
 /// The writes that take a run's rows from `change.before` to `change.after`: only the rows that
 /// differ, new rows of a kind in one insert.
 fn run_rows(
@@ -392,48 +418,37 @@ fn run_rows(
         }
         Some(_) => {}
     }
-    let mut new_stages = Vec::new();
-    for s in &after.stages {
-        let old = before.and_then(|b| b.stages.iter().find(|o| o.position == s.position));
-        let row = stage_to_model(s).into_active_model().reset_all();
-        match old {
-            None => new_stages.push(row),
-            Some(o) if o != s => {
-                let which = Condition::all()
-                    .add(stage::Column::RunId.eq(s.run_id.clone()))
-                    .add(stage::Column::Position.eq(s.position));
-                out!(&update(row, which))
-            }
-            Some(_) => {}
-        }
-    }
-    if !new_stages.is_empty() {
-        out!(&stage::Entity::insert_many(new_stages).into_query());
-    }
-    let mut new_approvals = Vec::new();
-    for a in &after.approvals {
-        let row = approval_to_model(a).into_active_model().reset_all();
-        match before.and_then(|b| b.approvals.iter().find(|o| o.id == a.id)) {
-            None => new_approvals.push(row),
-            Some(o) if o != a => out!(&update(row, approval::Column::Id.eq(a.id.clone()))),
-            Some(_) => {}
-        }
-    }
-    if !new_approvals.is_empty() {
-        out!(&approval::Entity::insert_many(new_approvals).into_query());
-    }
-    let mut new_tasks = Vec::new();
-    for t in &after.tasks {
-        let row = task_to_model(t).into_active_model().reset_all();
-        match before.and_then(|b| b.tasks.iter().find(|o| o.id == t.id)) {
-            None => new_tasks.push(row),
-            Some(o) if o != t => out!(&update(row, task::Column::Id.eq(t.id.clone()))),
-            Some(_) => {}
-        }
-    }
-    if !new_tasks.is_empty() {
-        out!(&task::Entity::insert_many(new_tasks).into_query());
-    }
+    child_rows(
+        backend,
+        statements,
+        &after.stages,
+        before.map(|b| b.stages.as_slice()),
+        |a, b| a.position == b.position,
+        |s| stage_to_model(s).into_active_model().reset_all(),
+        |s| {
+            Condition::all()
+                .add(stage::Column::RunId.eq(s.run_id.clone()))
+                .add(stage::Column::Position.eq(s.position))
+        },
+    );
+    child_rows(
+        backend,
+        statements,
+        &after.approvals,
+        before.map(|b| b.approvals.as_slice()),
+        |a, b| a.id == b.id,
+        |a| approval_to_model(a).into_active_model().reset_all(),
+        |a| Condition::all().add(approval::Column::Id.eq(a.id.clone())),
+    );
+    child_rows(
+        backend,
+        statements,
+        &after.tasks,
+        before.map(|b| b.tasks.as_slice()),
+        |a, b| a.id == b.id,
+        |t| task_to_model(t).into_active_model().reset_all(),
+        |t| Condition::all().add(task::Column::Id.eq(t.id.clone())),
+    );
     // The work queue follows the run status: runnable runs have a row, others none.
     match &change.queue {
         Some(QueueChange::Ready(ready_at)) => {

@@ -280,18 +280,35 @@ impl TestApp {
         self.services.store.head_sequence().await.expect("head")
     }
 
-    /// Create a brand, a project and a thread; returns the thread id.
-    pub async fn thread(&self) -> String {
+    /// Create a brand named `name`; its id.
+    pub async fn create_brand(&self, name: &str) -> String {
         let b = self
             .data(
-                "mutation { createBrand(input:{name:\"Acme\"}) { brand { id } } }",
-                json!({}),
+                "mutation($n:String!) { createBrand(input:{name:$n}) { brand { id } } }",
+                json!({ "n": name }),
             )
             .await;
-        let brand = b["createBrand"]["brand"]["id"]
+        b["createBrand"]["brand"]["id"]
             .as_str()
             .expect("brand")
-            .to_string();
+            .to_string()
+    }
+
+    /// The name of a brand created with `name`, as read back.
+    pub async fn brand_name_round_trip(&self, name: &str) -> Value {
+        let brand = self.create_brand(name).await;
+        let back = self
+            .data(
+                "query($b:ID!) { brand(id:$b) { name } }",
+                json!({ "b": brand }),
+            )
+            .await;
+        back["brand"]["name"].clone()
+    }
+
+    /// Create a brand, a project and a thread; returns the thread id.
+    pub async fn thread(&self) -> String {
+        let brand = self.create_brand("Acme").await;
         let p = self
             .data(
                 "mutation($b:ID!) { createProject(input:{brandId:$b, name:\"Launch\"}) { project { id } } }",

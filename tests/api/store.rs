@@ -68,6 +68,18 @@ async fn quiet_store(backend: Backend) -> (TestApp, Arc<Store>, i64) {
     (app, store, head)
 }
 
+/// An app without workers (the test takes the runtime's steps), its services and store, and a
+/// thread on it.
+async fn stepped_by_hand(backend: Backend) -> (TestApp, Arc<Services>, Arc<Store>, String) {
+    let mut opts = Options::new(backend);
+    opts.workers = 0;
+    let app = TestApp::spawn_with(opts).await;
+    let services = app.services.clone();
+    let store = services.store.clone();
+    let thread = app.thread().await;
+    (app, services, store, thread)
+}
+
 /// A writer that appended the creation of brand `id`.
 pub(crate) async fn writer_with_brand(store: &Store, id: &str) -> WriteTx {
     let mut w = store.write().await.expect("writer");
@@ -184,20 +196,7 @@ async fn awkward_text_round_trips(backend: Backend) {
     // Postgres writes carry their values as SQL literals (store::inline_postgres): quotes,
     // backslashes, control characters and placeholder look-alikes must come back as they went.
     let name = "O'Brien \\ \"quoted\" ''; DROP TABLE brands; -- \\n\n\t\r\u{8}\u{1}\u{c}\u{1b}\u{7f} $1 ? E'x' é ✓ 𝄞 \\'";
-    let brand = app
-        .data(
-            "mutation($n:String!) { createBrand(input:{name:$n}) { brand { id } } }",
-            json!({ "n": name }),
-        )
-        .await["createBrand"]["brand"]["id"]
-        .clone();
-    let back = app
-        .data(
-            "query($b:ID!) { brand(id:$b) { name } }",
-            json!({ "b": brand }),
-        )
-        .await;
-    assert_eq!(back["brand"]["name"], json!(name));
+    assert_eq!(app.brand_name_round_trip(name).await, json!(name));
     let thread = app.thread().await;
     let run = app
         .data(
@@ -323,12 +322,7 @@ async fn claim(services: &Services, owner: &str) -> Claimed {
 /// A claim takes the run's next step in the same write turn; a claim decided on a stale copy
 /// writes nothing, not even its lease, and the next claim starts from the stored run.
 async fn a_claim_steps_or_leaves_nothing(backend: Backend) {
-    let mut opts = Options::new(backend);
-    opts.workers = 0;
-    let app = TestApp::spawn_with(opts).await;
-    let services = app.services.clone();
-    let store = services.store.clone();
-    let thread = app.thread().await;
+    let (app, services, store, thread) = stepped_by_hand(backend).await;
     let run = app.start_run_id(&thread, "content_calendar").await;
     let queued = services.runs.get(&run).expect("the start keeps a copy");
     let turns = |s: &Store| s.write_stats().get().0;
@@ -405,13 +399,8 @@ async fn drive_to_rest(services: &Services, run: &str) -> (RunState, RunState) {
 /// refused is checked against the stored version, and either way the command is decided on
 /// the stored run.
 async fn run_commands_decide_on_the_cached_copy(backend: Backend) {
-    let mut opts = Options::new(backend);
-    opts.workers = 0;
-    let app = TestApp::spawn_with(opts).await;
-    let services = app.services.clone();
-    let store = services.store.clone();
+    let (app, services, store, thread) = stepped_by_hand(backend).await;
     let sends = |s: &Store| s.write_stats().sends();
-    let thread = app.thread().await;
     let run = app.start_run_id(&thread, "content_calendar").await;
 
     let (_, gate1) = drive_to_rest(&services, &run).await;
@@ -462,12 +451,7 @@ async fn run_commands_decide_on_the_cached_copy(backend: Backend) {
 /// and reaching the next gate is two appends in one turn. What the turn leaves is what
 /// replaying the log gives.
 async fn a_turns_appends_write_a_runs_rows_once(backend: Backend) {
-    let mut opts = Options::new(backend);
-    opts.workers = 0;
-    let app = TestApp::spawn_with(opts).await;
-    let services = app.services.clone();
-    let store = services.store.clone();
-    let thread = app.thread().await;
+    let (app, services, store, thread) = stepped_by_hand(backend).await;
     let run = app.start_run_id(&thread, "content_calendar").await;
     let claimed = claim(&services, "worker-a").await;
     let (_, started) = claimed.stepped.expect("the claim starts research");
@@ -568,12 +552,7 @@ async fn approve_in(w: &mut WriteTx, state: RunState) -> RunState {
 /// its approval (runnable again) and the next attempt in one turn; two runs interleaved in
 /// another.
 async fn merged_appends_equal_a_replay(backend: Backend) {
-    let mut opts = Options::new(backend);
-    opts.workers = 0;
-    let app = TestApp::spawn_with(opts).await;
-    let services = app.services.clone();
-    let store = services.store.clone();
-    let thread = app.thread().await;
+    let (app, services, store, thread) = stepped_by_hand(backend).await;
     let mut running = Vec::new();
     for _ in 0..3 {
         app.start_run_id(&thread, "content_calendar").await;
