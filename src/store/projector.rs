@@ -249,11 +249,13 @@ fn update<A: ActiveModelTrait>(row: A, which: impl IntoCondition) -> UpdateState
 /// `WriteTx::defer`): a turn that appends to a run several times (a stage completed, then the
 /// next gate reached) writes its events and timeline items in one insert each, and each of the
 /// run's rows once, as the last append left it. Built in this order, which the foreign keys
-/// need: events, timeline items, run rows, artifacts.
+/// need: events, timeline items, threads touched, run rows, artifacts.
 #[derive(Default)]
 pub struct Deferred {
     events: Vec<event::ActiveModel>,
     timeline: Vec<timeline_item::ActiveModel>,
+    /// Threads a run was queued on: (thread id, the queueing's time), its last activity.
+    touched: Vec<(String, String)>,
     runs: Vec<RunChange>,
     artifacts: Vec<StageArtifacts>,
 }
@@ -267,8 +269,9 @@ struct RunChange {
 }
 
 enum QueueChange {
-    /// Runnable again: the row is (re)placed, ready at this time and without a lease.
-    Ready(String),
+    /// Runnable again: the row is (re)placed, ready at this time, with the lease this turn gave
+    /// it (owner, until; see [`Deferred::lease`]) or none.
+    Ready(String, Option<(String, String)>),
     /// Not runnable any more: the row goes.
     Gone,
 }
@@ -285,6 +288,7 @@ impl Deferred {
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
             && self.timeline.is_empty()
+            && self.touched.is_empty()
             && self.runs.is_empty()
             && self.artifacts.is_empty()
     }
@@ -317,6 +321,25 @@ impl Deferred {
         });
     }
 
+    /// Lease `run_id` to `owner` until `until` in the queue row this writer's appends (re)place,
+    /// still deferred: the row is written once, leased, instead of written and then updated
+    /// (and the run's rows are not split in two writes around the update). False when no
+    /// deferred change places the run's row: the caller updates the stored row.
+    pub(super) fn lease(&mut self, run_id: &str, owner: &str, until: String) -> bool {
+        let last = self
+            .runs
+            .iter_mut()
+            .rev()
+            .find(|c| c.after.run.id == run_id);
+        match last.and_then(|c| c.queue.as_mut()) {
+            Some(QueueChange::Ready(_, lease)) => {
+                *lease = Some((owner.to_string(), until));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The statements, in order; leaves nothing deferred.
     pub fn build(&mut self, backend: DbBackend) -> Result<Vec<Statement>, AppError> {
         let mut out = Vec::new();
@@ -328,18 +351,35 @@ impl Deferred {
         if !timeline.is_empty() {
             out.push(backend.build(&timeline_item::Entity::insert_many(timeline).into_query()));
         }
+        for (thread_id, at) in std::mem::take(&mut self.touched) {
+            out.push(
+                backend.build(
+                    &thread::Entity::update_many()
+                        .col_expr(
+                            thread::Column::LastActivityAt,
+                            sea_orm::sea_query::Expr::value(at),
+                        )
+                        .filter(thread::Column::Id.eq(thread_id))
+                        .into_query(),
+                ),
+            );
+        }
         for change in std::mem::take(&mut self.runs) {
             run_rows(&change, backend, &mut out)?;
         }
         for a in std::mem::take(&mut self.artifacts) {
-            out.push(
-                backend.build(
-                    &artifact::Entity::delete_many()
-                        .filter(artifact::Column::RunId.eq(a.run_id.clone()))
-                        .filter(artifact::Column::StageKey.eq(a.stage_key.clone()))
-                        .into_query(),
-                ),
-            );
+            // A stage's first completed attempt has no earlier artifacts to replace (attempts
+            // count up from 1 and complete at most once each).
+            if a.attempt > 1 {
+                out.push(
+                    backend.build(
+                        &artifact::Entity::delete_many()
+                            .filter(artifact::Column::RunId.eq(a.run_id.clone()))
+                            .filter(artifact::Column::StageKey.eq(a.stage_key.clone()))
+                            .into_query(),
+                    ),
+                );
+            }
             if !a.artifacts.is_empty() {
                 let rows = a.artifacts.iter().map(|r| artifact::ActiveModel {
                     run_id: Set(a.run_id.clone()),
@@ -451,12 +491,13 @@ fn run_rows(
     );
     // The work queue follows the run status: runnable runs have a row, others none.
     match &change.queue {
-        Some(QueueChange::Ready(ready_at)) => {
+        Some(QueueChange::Ready(ready_at, lease)) => {
+            let (owner, until) = lease.clone().unzip();
             out!(&run_queue::Entity::insert(run_queue::ActiveModel {
                 run_id: Set(after.run.id.clone()),
                 ready_at: Set(ready_at.clone()),
-                lease_owner: Set(None),
-                lease_until: Set(None),
+                lease_owner: Set(owner),
+                lease_until: Set(until),
             },)
             .on_conflict(
                 OnConflict::column(run_queue::Column::RunId)
@@ -620,19 +661,6 @@ async fn apply_workspace(w: &WriteTx, ev: &StoredEvent) -> Result<(), AppError> 
     Ok(())
 }
 
-async fn touch_thread(w: &WriteTx, thread_id: &str, at: &str) -> Result<(), AppError> {
-    w.exec(
-        &thread::Entity::update_many()
-            .col_expr(
-                thread::Column::LastActivityAt,
-                sea_orm::sea_query::Expr::value(at.to_string()),
-            )
-            .filter(thread::Column::Id.eq(thread_id))
-            .into_query(),
-    )
-    .await
-}
-
 /// Project a batch of events. Run events of one batch belong to one run; `run` is its state
 /// before the batch when the caller has it (else it is loaded). Returns the run's new state.
 pub async fn project(
@@ -646,6 +674,7 @@ pub async fn project(
     // live or in a rebuild): runnable runs have a row, ready since they last became runnable.
     let mut queue = None;
     let mut timeline = Vec::new();
+    let mut touched = Vec::new();
     let mut completed = Vec::new();
     for ev in events {
         match &ev.body {
@@ -662,9 +691,9 @@ pub async fn project(
                 queue = state
                     .as_ref()
                     .filter(|q| q.run.status.is_runnable())
-                    .map(|q| QueueChange::Ready(q.run.updated_at.clone()));
+                    .map(|q| QueueChange::Ready(q.run.updated_at.clone(), None));
                 before = None;
-                touch_thread(w, thread_id, &ev.occurred_at).await?;
+                touched.push((thread_id.clone(), ev.occurred_at.clone()));
             }
             body => {
                 if state.is_none() {
@@ -685,7 +714,7 @@ pub async fn project(
                     queue = Some(if was_runnable {
                         QueueChange::Gone
                     } else {
-                        QueueChange::Ready(s.run.updated_at.clone())
+                        QueueChange::Ready(s.run.updated_at.clone(), None)
                     });
                 }
                 if let DomainEvent::WorkflowRunStageCompleted {
@@ -723,6 +752,7 @@ pub async fn project(
     // replay groups a run's consecutive events), and artifacts reference it.
     w.defer(|d| {
         d.timeline(timeline);
+        d.touched.extend(touched);
         if let Some(after) = &state {
             d.run(before, after.clone(), queue);
         }

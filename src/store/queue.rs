@@ -110,15 +110,22 @@ fn leased(owner: Option<&str>, until: Option<String>) -> UpdateMany<run_queue::E
 impl WriteTx {
     /// Lease a run this same turn made runnable to `owner` until `lease_seconds` from now (see
     /// `service::handoff`): its queue row is this turn's own, and no other claim can come
-    /// between while the turn holds the write lock, so no compare-and-set is needed.
+    /// between while the turn holds the write lock, so no compare-and-set is needed. The lease
+    /// goes into the row's deferred write when there is one (see [`super::projector::Deferred`]).
     pub async fn lease_run(
         &self,
         run_id: &str,
         owner: &str,
         lease_seconds: f64,
     ) -> Result<(), AppError> {
+        let until = time::after_seconds(lease_seconds);
+        let mut deferred = false;
+        self.defer(|d| deferred = d.lease(run_id, owner, until.clone()));
+        if deferred {
+            return Ok(());
+        }
         self.exec(
-            &leased(Some(owner), Some(time::after_seconds(lease_seconds)))
+            &leased(Some(owner), Some(until))
                 .filter(run_queue::Column::RunId.eq(run_id))
                 .into_query(),
         )
