@@ -86,6 +86,10 @@ struct Batch {
     /// Postgres: the advisory write lock is taken in `tx` (by the first send that opens a
     /// savepoint in it, before anything is read or written).
     locked: AtomicBool,
+    /// Postgres: a `pg_notify` is sent in `tx`, at its top level (after a writer's release,
+    /// so no later rollback to a savepoint takes it back). Postgres delivers one per
+    /// transaction and payload at commit, so one is enough for every writer of the batch.
+    notified: AtomicBool,
     feed: Arc<CommittedFeed>,
     committed: Arc<Notify>,
     stats: Arc<WriteStats>,
@@ -289,8 +293,8 @@ impl Batch {
         let head = self.head.take();
         let waiters = std::mem::take(&mut self.waiters);
         let events = std::mem::take(&mut self.events);
-        // On Postgres every writer that appended sent a `pg_notify` with its release (see
-        // `WriteTx::finish`); Postgres delivers one per transaction and payload, at commit.
+        // On Postgres the batch's first appending writer sent a `pg_notify` after its release
+        // (see `Batch::notified`); Postgres delivers it at commit.
         let result = tx.commit().await;
         let ok = result.is_ok();
         // On SQLite this process is the only writer (every write takes the lock above), so the
@@ -442,6 +446,7 @@ impl Store {
             events: Vec::new(),
             rollback_pending: false,
             locked: AtomicBool::new(false),
+            notified: AtomicBool::new(false),
             feed: feed.clone(),
             committed: committed.clone(),
             stats: stats.clone(),
@@ -628,6 +633,7 @@ impl Store {
             let tx = self.writer.begin().await?;
             guard.tx = Some(tx);
             guard.locked.store(false, Ordering::SeqCst);
+            guard.notified.store(false, Ordering::SeqCst);
         }
         let setup = guard.rollback_pending;
         let w = WriteTx {
@@ -1090,6 +1096,7 @@ impl WriteTx {
                 tracing::warn!(error = ?e, "rolled a write batch back: its last writer's changes could not be undone alone");
                 guard.tx = Some(db.begin().await?);
                 guard.locked.store(false, Ordering::SeqCst);
+                guard.notified.store(false, Ordering::SeqCst);
             }
         }
         Ok(self)
@@ -1097,7 +1104,8 @@ impl WriteTx {
 
     /// Make this writer's changes part of the batch, and return once the batch has committed.
     /// The unsent writes and the savepoint's release go in one send (on Postgres with a
-    /// `pg_notify` when this writer appended events). An error leaves the writer to its drop,
+    /// `pg_notify` when this writer is the batch's first to append). An error leaves the
+    /// writer to its drop,
     /// which rolls its savepoint back.
     ///
     /// The commit runs in a task of its own: a caller that goes away midway (a request whose
@@ -1112,20 +1120,28 @@ impl WriteTx {
     async fn finish(mut self) -> Result<(), AppError> {
         self.usable()?;
         self.queue_deferred().await?;
-        let wrote = {
-            let mut unsent = crate::sync::lock(&self.unsent);
-            if self.backend == DbBackend::Postgres && self.appended > 0 {
-                let instance = &self.batch().feed.instance;
-                unsent.push(
-                    &format!("SELECT pg_notify('{PG_CHANNEL}', '{instance}')"),
-                    None,
-                );
-            }
-            !unsent.sql.is_empty()
-        };
+        // The batch's first appending writer notifies, after its release (see
+        // `Batch::notified`).
+        let notify = self.backend == DbBackend::Postgres
+            && self.appended > 0
+            && !self.batch().notified.load(Ordering::SeqCst);
+        let wrote = !crate::sync::lock(&self.unsent).sql.is_empty();
         if wrote || self.opened.load(Ordering::SeqCst) {
-            crate::sync::lock(&self.unsent).push(RELEASE, None);
+            {
+                let mut unsent = crate::sync::lock(&self.unsent);
+                unsent.push(RELEASE, None);
+                if notify {
+                    let instance = &self.batch().feed.instance;
+                    unsent.push(
+                        &format!("SELECT pg_notify('{PG_CHANNEL}', '{instance}')"),
+                        None,
+                    );
+                }
+            }
             self.send(None, false).await?;
+            if notify {
+                self.batch().notified.store(true, Ordering::SeqCst);
+            }
         }
         self.opened.store(false, Ordering::SeqCst);
         let mut guard = self.guard.take().expect("commit once");

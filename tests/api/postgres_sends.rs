@@ -136,3 +136,63 @@ async fn the_lock_outlives_the_writer_that_took_it() {
     assert!(lock_is_free(&other).await, "the commit let go of the lock");
     assert_eq!(streams_after(&store, head).await, ["brand:kc"]);
 }
+
+/// The batch's first appending writer notifies other instances, after its release: a later
+/// writer's rollback cannot take the notification back, and later appending writers of the
+/// same batch send none (Postgres delivers one per transaction and payload anyway).
+#[tokio::test]
+async fn a_batch_notifies_once_whoever_rolls_back() {
+    let (_app, store, url) = app_on_database_with(&[]).await;
+    let mut listener = sea_orm::sqlx::postgres::PgListener::connect(&url)
+        .await
+        .expect("listener");
+    listener
+        .listen(vm_workflow::store::PG_CHANNEL)
+        .await
+        .expect("listen");
+    let head = store.head_sequence().await.expect("head");
+    let statements = |s: &Store| s.write_stats().statements();
+    let in_line = |store: &Arc<Store>| {
+        let store = store.clone();
+        tokio::spawn(async move { store.write().await })
+    };
+
+    // a appends and commits, leaving the batch open for b, who is in line.
+    let before = statements(&store);
+    let mut a = store.write().await.expect("writer a");
+    a.append("brand:na", 0, &meta(), brand_created("na"))
+        .await
+        .expect("append");
+    let b_in_line = in_line(&store);
+    until_queued(&store, 1).await;
+    let a_done = tokio::spawn(a.commit());
+    let mut b = b_in_line.await.expect("b joins").expect("b's turn");
+    // The lock, SAVEPOINT, the head; the event, RELEASE and the notification.
+    assert_eq!(statements(&store) - before, 6, "a notifies");
+
+    // b appends and rolls back, with c in line.
+    b.append("brand:nb", 0, &meta(), brand_created("nb"))
+        .await
+        .expect("append");
+    let c_in_line = in_line(&store);
+    until_queued(&store, 1).await;
+    drop(b);
+    let mut c = c_in_line.await.expect("c joins").expect("c's turn");
+
+    // c appends and commits the batch, without a notification of its own.
+    let before = statements(&store);
+    c.append("brand:nc", 0, &meta(), brand_created("nc"))
+        .await
+        .expect("append");
+    c.commit().await.expect("c commits the batch");
+    // SAVEPOINT and the head (read again after b's rollback); the event and RELEASE.
+    assert_eq!(statements(&store) - before, 4, "c does not notify");
+    a_done.await.expect("a's commit").expect("a committed");
+    assert_eq!(streams_after(&store, head).await, ["brand:na", "brand:nc"]);
+
+    let heard = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
+        .await
+        .expect("a notification within 10 s")
+        .expect("receive");
+    assert_eq!(heard.payload(), store.notify_payload());
+}
