@@ -132,6 +132,32 @@ pub struct WriteStats {
     wal_restarts: AtomicU64,
     /// SQLite: times the checkpoint task panicked (and was started again).
     checkpoint_panics: Arc<AtomicU64>,
+    /// Nanoseconds writers waited for their sends, batches for their `BEGIN` (a connection
+    /// checked out, the transaction begun) and for their `COMMIT`, all inside write turns.
+    send_ns: AtomicU64,
+    begin_ns: AtomicU64,
+    commit_ns: AtomicU64,
+}
+
+/// Where the write turns' time went since start (see [`Store::write_timings`]): what bounds
+/// throughput when the turns hold the lock most of the time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteTimings {
+    /// Turns taken on the write lock (writers, commits of a batch left open, checkpoints).
+    pub turns: u64,
+    /// The time those turns held the lock.
+    pub held: Duration,
+    /// Inside them: waiting for writers' sends (statements executed, hand-overs or round
+    /// trips), for `BEGIN` and for `COMMIT`. The rest of `held` is the holders' own work.
+    pub sends: Duration,
+    pub begins: Duration,
+    pub commits: Duration,
+}
+
+/// Add the time since `since` to `counter` (nanoseconds).
+fn add_elapsed(counter: &AtomicU64, since: Instant) {
+    let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    counter.fetch_add(ns, Ordering::Relaxed);
 }
 
 /// What the SQLite checkpoint task has done since start (see [`checkpoint`]).
@@ -295,7 +321,9 @@ impl Batch {
         let events = std::mem::take(&mut self.events);
         // On Postgres the batch's first appending writer sent a `pg_notify` after its release
         // (see `Batch::notified`); Postgres delivers it at commit.
+        let began = Instant::now();
         let result = tx.commit().await;
+        add_elapsed(&self.stats.commit_ns, began);
         let ok = result.is_ok();
         // On SQLite this process is the only writer (every write takes the lock above), so the
         // committed head stays right for the next batch: one `SELECT MAX(sequence)` less per
@@ -563,6 +591,19 @@ impl Store {
         self.wal_limit.store(pages.max(1), Ordering::SeqCst);
     }
 
+    /// Where the write turns' time went since start (see [`WriteTimings`]).
+    pub fn write_timings(&self) -> WriteTimings {
+        let (turns, held) = self.batch.held();
+        let ns = |c: &AtomicU64| Duration::from_nanos(c.load(Ordering::Relaxed));
+        WriteTimings {
+            turns,
+            held,
+            sends: ns(&self.stats.send_ns),
+            begins: ns(&self.stats.begin_ns),
+            commits: ns(&self.stats.commit_ns),
+        }
+    }
+
     /// Writers in line for a write turn right now: `(requests, background)` (see [`turns`]).
     pub fn waiting_turns(&self) -> (usize, usize) {
         self.batch.waiting()
@@ -578,6 +619,16 @@ impl Store {
     /// next start reads no log). Call it last: the store still reads and writes afterwards, but
     /// nothing checkpoints its WAL any more.
     pub async fn close(&self) -> Result<(), AppError> {
+        let t = self.write_timings();
+        tracing::info!(
+            turns = t.turns,
+            held_ms = t.held.as_millis() as u64,
+            sends_ms = t.sends.as_millis() as u64,
+            begins_ms = t.begins.as_millis() as u64,
+            commits_ms = t.commits.as_millis() as u64,
+            statements = self.stats.statements(),
+            "write turns since start"
+        );
         let _ = self.stop_checkpoints.send(true);
         // Before taking a turn: a pass of the task's may be waiting for one. Once it has ended,
         // no other checkpoint runs, and the one below cannot find SQLite's checkpointer busy.
@@ -630,7 +681,10 @@ impl Store {
         let mut guard = self.batch.lock(turn).await;
         queued.arrived();
         if guard.tx.is_none() {
-            let tx = self.writer.begin().await?;
+            let began = Instant::now();
+            let tx = self.writer.begin().await;
+            add_elapsed(&self.stats.begin_ns, began);
+            let tx = tx?;
             guard.tx = Some(tx);
             guard.locked.store(false, Ordering::SeqCst);
             guard.notified.store(false, Ordering::SeqCst);
@@ -844,6 +898,15 @@ pub(crate) fn first_value<T: sea_orm::TryGetable>(
         .transpose()?)
 }
 
+/// Adds the time a send waited to the send counter when it ends, however it ends.
+struct SendTimer<'a>(&'a AtomicU64, Instant);
+
+impl Drop for SendTimer<'_> {
+    fn drop(&mut self) {
+        add_elapsed(self.0, self.1);
+    }
+}
+
 /// A unique-index violation among a writer's statements: the data it decided on changed.
 fn conflict_or(e: DbErr) -> AppError {
     match AppError::from(e) {
@@ -1029,6 +1092,7 @@ impl WriteTx {
         // have applied only some of these writes.
         self.failed.store(true, Ordering::SeqCst);
         let mut rows = Vec::new();
+        let _timed = SendTimer(&self.batch().stats.send_ns, Instant::now());
         if !batch.sql.is_empty() {
             self.count_send();
             let tx = self.batch_tx();

@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Who is waiting for a turn.
@@ -49,6 +50,9 @@ struct Queues<T> {
     background: VecDeque<oneshot::Sender<T>>,
     /// Request turns granted in a row while background writers waited.
     streak: usize,
+    /// Turns taken and ended so far, and how long they held the value together.
+    ended: u64,
+    held: Duration,
 }
 
 /// Hand `value` to the next waiter, or keep it if nobody (still) waits.
@@ -96,6 +100,8 @@ impl<T> TurnLock<T> {
                 requests: VecDeque::new(),
                 background: VecDeque::new(),
                 streak: 0,
+                ended: 0,
+                held: Duration::ZERO,
             })),
         }
     }
@@ -108,6 +114,7 @@ impl<T> TurnLock<T> {
                 return TurnGuard {
                     value: Some(value),
                     queues: self.inner.clone(),
+                    since: Instant::now(),
                 };
             }
             let (tx, rx) = oneshot::channel();
@@ -129,7 +136,15 @@ impl<T> TurnLock<T> {
         TurnGuard {
             value: Some(value),
             queues: self.inner.clone(),
+            since: Instant::now(),
         }
+    }
+
+    /// Turns ended so far, and the time they held the value, together (the time the value
+    /// waited for its next holder is not in it).
+    pub fn held(&self) -> (u64, Duration) {
+        let q = crate::sync::lock(&self.inner);
+        (q.ended, q.held)
     }
 
     /// Waiters in line right now, requests and background (one that gave up counts until its
@@ -164,6 +179,8 @@ impl<T> Drop for Waiting<T> {
 pub struct TurnGuard<T> {
     value: Option<T>,
     queues: Arc<Mutex<Queues<T>>>,
+    /// When this turn began.
+    since: Instant,
 }
 
 impl<T> Deref for TurnGuard<T> {
@@ -186,6 +203,11 @@ impl<T> DerefMut for TurnGuard<T> {
 impl<T> Drop for TurnGuard<T> {
     fn drop(&mut self) {
         if let Some(value) = self.value.take() {
+            {
+                let mut q = crate::sync::lock(&self.queues);
+                q.ended += 1;
+                q.held += self.since.elapsed();
+            }
             release(&self.queues, value);
         }
     }

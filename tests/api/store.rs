@@ -551,6 +551,34 @@ async fn a_hand_off_leases_the_row_its_turn_writes(backend: Backend) {
     }
 }
 
+/// The store accounts for its write turns' time (`Store::write_timings`, logged at a graceful
+/// stop): how long turns held the write lock, and how much of that was spent waiting for the
+/// database (sends, `BEGIN`, `COMMIT`), which can only be part of it.
+async fn write_turns_account_for_their_time(backend: Backend) {
+    let (app, services, store, thread) = stepped_by_hand(backend).await;
+    let start = store.write_timings();
+    let run = app.start_run_id(&thread, "content_calendar").await;
+    let (_, gate) = drive_to_rest(&services, &run).await;
+    assert_eq!(gate.run.status, RunStatus::WaitingApproval);
+    app.approve(&run, None).await;
+    let t = store.write_timings();
+    let (writers, commits) = store.write_stats().get();
+    assert!(t.turns - start.turns >= 3, "{start:?} then {t:?}");
+    assert!(t.turns >= writers, "{t:?}: {writers} writers");
+    assert!(commits > 0);
+    for (what, spent) in [
+        ("sends", t.sends),
+        ("begins", t.begins),
+        ("commits", t.commits),
+    ] {
+        assert!(spent > Duration::ZERO, "no time in {what}: {t:?}");
+    }
+    assert!(
+        t.sends + t.begins + t.commits <= t.held,
+        "waits outside the turns: {t:?}"
+    );
+}
+
 /// Append `events` to the run in `w` and project them; the run's new state.
 async fn append_to_run(w: &mut WriteTx, state: RunState, events: Vec<DomainEvent>) -> RunState {
     let new = events
@@ -784,6 +812,7 @@ crate::both_backends!(
     run_commands_decide_on_the_cached_copy,
     a_turns_appends_write_a_runs_rows_once,
     a_hand_off_leases_the_row_its_turn_writes,
+    write_turns_account_for_their_time,
     merged_appends_equal_a_replay,
     requests_go_before_the_runtimes_waiting_writes
 );
