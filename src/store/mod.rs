@@ -90,8 +90,6 @@ struct Batch {
     /// so no later rollback to a savepoint takes it back). Postgres delivers one per
     /// transaction and payload at commit, so one is enough for every writer of the batch.
     notified: AtomicBool,
-    /// A writer opened its savepoint in `tx` since it began: there is something to commit.
-    touched: AtomicBool,
     feed: Arc<CommittedFeed>,
     committed: Arc<Notify>,
     stats: Arc<WriteStats>,
@@ -139,8 +137,6 @@ pub struct WriteStats {
     send_ns: AtomicU64,
     begin_ns: AtomicU64,
     commit_ns: AtomicU64,
-    /// Write transactions begun on a connection checked out of the pool.
-    begun: AtomicU64,
 }
 
 /// Where the write turns' time went since start (see [`Store::write_timings`]): what bounds
@@ -156,10 +152,6 @@ pub struct WriteTimings {
     pub sends: Duration,
     pub begins: Duration,
     pub commits: Duration,
-    /// Write transactions begun on a connection checked out of the pool: one per batch on
-    /// Postgres; on SQLite one at the first batch (and after a batch rolled back), the next
-    /// batch's transaction being begun with each commit.
-    pub begun: u64,
 }
 
 /// Add the time since `since` to `counter` (nanoseconds).
@@ -304,7 +296,6 @@ impl Batch {
     /// Roll the whole batch back and tell every waiting writer it failed.
     fn abandon(&mut self) {
         drop(self.tx.take());
-        self.touched.store(false, Ordering::SeqCst);
         self.rollback_pending = false;
         self.appended = 0;
         self.writers = 0;
@@ -319,16 +310,9 @@ impl Batch {
     /// Commit the open transaction (if any) and tell every waiting writer how it went.
     async fn flush(&mut self) -> Result<(), AppError> {
         self.settle().await?;
-        if self.tx.is_none() {
+        let Some(tx) = self.tx.take() else {
             return Ok(());
-        }
-        if self.backend == DbBackend::Sqlite
-            && self.writers == 0
-            && !self.touched.load(Ordering::SeqCst)
-        {
-            // The transaction kept for the next batch (see `commit_and_begin`): nothing in it.
-            return Ok(());
-        }
+        };
         let appended = std::mem::take(&mut self.appended);
         let writers = std::mem::take(&mut self.writers);
         self.waiting_since = None;
@@ -338,12 +322,7 @@ impl Batch {
         // On Postgres the batch's first appending writer sent a `pg_notify` after its release
         // (see `Batch::notified`); Postgres delivers it at commit.
         let began = Instant::now();
-        let result = match self.tx.take() {
-            Some(tx) if self.backend == DbBackend::Sqlite => self.commit_and_begin(tx).await,
-            Some(tx) => tx.commit().await,
-            None => Ok(()),
-        };
-        self.touched.store(false, Ordering::SeqCst);
+        let result = tx.commit().await;
         add_elapsed(&self.stats.commit_ns, began);
         let ok = result.is_ok();
         // On SQLite this process is the only writer (every write takes the lock above), so the
@@ -366,33 +345,6 @@ impl Batch {
             self.committed.notify_waiters();
         }
         result.map_err(AppError::from)
-    }
-}
-
-impl Batch {
-    /// SQLite: commit `tx` and begin the next batch's transaction in the same hand-over to
-    /// SQLite's thread, keeping the handle (and its connection) for that batch. A new handle
-    /// would check the writer's connection out of its pool again: sqlx pings a connection
-    /// when it comes back and when it is checked out, each a hand-over, and returns it from a
-    /// task of its own, which made `BEGIN` a fifth of the write lock's time (BENCHMARKS.md,
-    /// "Where the write lock's time goes, measured in the server"). A deferred `BEGIN` takes no
-    /// lock and no snapshot until the next writer's first statement, as before.
-    ///
-    /// If the `COMMIT` fails, what may still be open is rolled back and the next transaction
-    /// begun; if even that fails, the handle goes (rolled back by sqlx) and the next writer
-    /// begins afresh.
-    async fn commit_and_begin(&mut self, tx: DatabaseTransaction) -> Result<(), DbErr> {
-        let committed = tx.execute_unprepared("COMMIT; BEGIN").await.map(|_| ());
-        if committed.is_err() {
-            let _ = tx.execute_unprepared("ROLLBACK").await;
-            if tx.execute_unprepared("BEGIN").await.is_err() {
-                return committed;
-            }
-        }
-        self.tx = Some(tx);
-        self.locked.store(false, Ordering::SeqCst);
-        self.notified.store(false, Ordering::SeqCst);
-        committed
     }
 }
 
@@ -523,7 +475,6 @@ impl Store {
             rollback_pending: false,
             locked: AtomicBool::new(false),
             notified: AtomicBool::new(false),
-            touched: AtomicBool::new(false),
             feed: feed.clone(),
             committed: committed.clone(),
             stats: stats.clone(),
@@ -650,7 +601,6 @@ impl Store {
             sends: ns(&self.stats.send_ns),
             begins: ns(&self.stats.begin_ns),
             commits: ns(&self.stats.commit_ns),
-            begun: self.stats.begun.load(Ordering::Relaxed),
         }
     }
 
@@ -688,11 +638,6 @@ impl Store {
         }
         let mut guard = self.batch.lock(Turn::Request).await;
         guard.flush().await?;
-        // SQLite: the transaction kept for the next batch holds nothing; end it and give its
-        // connection back.
-        if let Some(tx) = guard.tx.take() {
-            tx.commit().await?;
-        }
         if self.backend == DbBackend::Sqlite {
             let row = self
                 .db
@@ -739,7 +684,6 @@ impl Store {
             let began = Instant::now();
             let tx = self.writer.begin().await;
             add_elapsed(&self.stats.begin_ns, began);
-            self.stats.begun.fetch_add(1, Ordering::Relaxed);
             let tx = tx?;
             guard.tx = Some(tx);
             guard.locked.store(false, Ordering::SeqCst);
@@ -1133,7 +1077,6 @@ impl WriteTx {
         let mut batch = Unsent::default();
         if opening && (open || read.is_some() || !pending.sql.is_empty()) {
             self.opened.store(true, Ordering::SeqCst);
-            self.batch().touched.store(true, Ordering::SeqCst);
             // Before the savepoint, at the transaction's top level: a lock taken inside a
             // savepoint would go when a writer's changes are rolled back to it.
             if !sqlite && !self.batch().locked.swap(true, Ordering::SeqCst) {
