@@ -275,6 +275,17 @@ fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
 }
 
 impl Batch {
+    /// Begin the batch's transaction on `db` (nothing locked or notified in it yet).
+    async fn begin(&mut self, db: &DatabaseConnection) -> Result<(), AppError> {
+        let began = Instant::now();
+        let tx = db.begin().await;
+        add_elapsed(&self.stats.begin_ns, began);
+        self.tx = Some(tx?);
+        self.locked.store(false, Ordering::SeqCst);
+        self.notified.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Roll back to the savepoint of a writer that left without committing (if one did). On
     /// failure the batch is abandoned: nothing else can be trusted to be in it.
     async fn settle(&mut self) -> Result<(), AppError> {
@@ -681,13 +692,7 @@ impl Store {
         let mut guard = self.batch.lock(turn).await;
         queued.arrived();
         if guard.tx.is_none() {
-            let began = Instant::now();
-            let tx = self.writer.begin().await;
-            add_elapsed(&self.stats.begin_ns, began);
-            let tx = tx?;
-            guard.tx = Some(tx);
-            guard.locked.store(false, Ordering::SeqCst);
-            guard.notified.store(false, Ordering::SeqCst);
+            guard.begin(&self.writer).await?;
         }
         let setup = guard.rollback_pending;
         let w = WriteTx {
@@ -1158,9 +1163,7 @@ impl WriteTx {
         if let Some(guard) = self.guard.as_mut() {
             if let Err(e) = guard.settle().await {
                 tracing::warn!(error = ?e, "rolled a write batch back: its last writer's changes could not be undone alone");
-                guard.tx = Some(db.begin().await?);
-                guard.locked.store(false, Ordering::SeqCst);
-                guard.notified.store(false, Ordering::SeqCst);
+                guard.begin(&db).await?;
             }
         }
         Ok(self)

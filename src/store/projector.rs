@@ -301,6 +301,15 @@ impl Deferred {
         self.timeline.extend(rows);
     }
 
+    /// The thread's last activity is `at` (later than any deferred before it): one update
+    /// per thread, however many runs were queued on it.
+    fn touch(&mut self, thread_id: String, at: String) {
+        match self.touched.iter_mut().find(|(t, _)| *t == thread_id) {
+            Some(last) => last.1 = at,
+            None => self.touched.push((thread_id, at)),
+        }
+    }
+
     /// The run went from `before` to `after`, its queue row last changed by `queue`: merged
     /// with the change deferred for the same run just before, if there is one (its `before`
     /// stays: nothing of it is stored yet).
@@ -752,7 +761,9 @@ pub async fn project(
     // replay groups a run's consecutive events), and artifacts reference it.
     w.defer(|d| {
         d.timeline(timeline);
-        d.touched.extend(touched);
+        for (thread_id, at) in touched {
+            d.touch(thread_id, at);
+        }
         if let Some(after) = &state {
             d.run(before, after.clone(), queue);
         }

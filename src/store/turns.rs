@@ -55,9 +55,14 @@ struct Queues<T> {
     held: Duration,
 }
 
-/// Hand `value` to the next waiter, or keep it if nobody (still) waits.
-fn release<T>(queues: &Mutex<Queues<T>>, mut value: T) {
+/// Hand `value` to the next waiter, or keep it if nobody (still) waits; `ended`: the turn that
+/// held it, and for how long (none when a waiter that gave up passes it on).
+fn release<T>(queues: &Mutex<Queues<T>>, mut value: T, ended: Option<Duration>) {
     let mut q = crate::sync::lock(queues);
+    if let Some(held) = ended {
+        q.ended += 1;
+        q.held += held;
+    }
     loop {
         let background_due = q.streak >= MAX_REQUEST_STREAK && !q.background.is_empty();
         let (next, request) = match q.requests.pop_front() {
@@ -169,7 +174,7 @@ impl<T> Drop for Waiting<T> {
         };
         rx.close();
         if let Ok(value) = rx.try_recv() {
-            release(&self.queues, value);
+            release(&self.queues, value, None);
         }
     }
 }
@@ -203,12 +208,7 @@ impl<T> DerefMut for TurnGuard<T> {
 impl<T> Drop for TurnGuard<T> {
     fn drop(&mut self) {
         if let Some(value) = self.value.take() {
-            {
-                let mut q = crate::sync::lock(&self.queues);
-                q.ended += 1;
-                q.held += self.since.elapsed();
-            }
-            release(&self.queues, value);
+            release(&self.queues, value, Some(self.since.elapsed()));
         }
     }
 }
