@@ -255,6 +255,15 @@ fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
         .connect_timeout(Duration::from_secs(10))
         .acquire_timeout(Duration::from_secs(30))
         .sqlx_logging(false)
+        // A connection that comes back to the pool with sqlx still counting a transaction on
+        // it is discarded rather than reused: a `ROLLBACK` sqlx sent when a handle was dropped
+        // failed, because SQLite had none open (it rolls a transaction back by itself after
+        // some errors). On such a connection sqlx would begin the next transaction with a
+        // savepoint, and rolling that back would leave a transaction open whose later writes
+        // are never committed.
+        .map_sqlx_sqlite_before_acquire(|conn, _| {
+            Box::pin(async move { Ok(!sea_orm::sqlx::Connection::is_in_transaction(conn)) })
+        })
         .map_sqlx_sqlite_opts(|o| {
             o.create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
@@ -1346,6 +1355,58 @@ mod tests {
         assert_eq!(raw("SELECT E'\\'', $1", vec![1i64.into()]), None);
         assert_eq!(raw("SELECT 'open, $1", vec![1i64.into()]), None);
         assert_eq!(raw("SELECT a$1, $1", vec![1i64.into()]), None);
+    }
+
+    /// The rows of `probe` as another connection sees them (committed ones only).
+    async fn committed_probe_rows(store: &Store) -> Vec<String> {
+        store
+            .conn()
+            .query_all_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                "SELECT x FROM probe ORDER BY x",
+            ))
+            .await
+            .expect("read the probe")
+            .iter()
+            .map(|r| r.try_get_by_index::<String>(0).expect("x"))
+            .collect()
+    }
+
+    async fn probe_store(dir: &std::path::Path) -> Store {
+        let store = test_store(dir).await;
+        store
+            .conn()
+            .execute_unprepared("CREATE TABLE probe (x TEXT NOT NULL)")
+            .await
+            .expect("probe table");
+        store
+    }
+
+    /// sqlx counts transactions on a connection and begins by savepoint when it thinks one is
+    /// open. When SQLite has none open (it rolled one back by itself after an error, here
+    /// ended by hand), sqlx's `ROLLBACK` on a dropped handle fails and the count stays off.
+    /// Reused, such a connection would roll back to a savepoint and leave a transaction open,
+    /// in which later "committed" writes are never committed. The pool discards it instead.
+    #[tokio::test]
+    async fn a_connection_sqlx_miscounts_is_not_used_again() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = probe_store(dir.path()).await;
+        let tx = store.writer.begin().await.expect("begin");
+        tx.execute_unprepared("COMMIT")
+            .await
+            .expect("ended under sqlx");
+        drop(tx);
+        let tx = store.writer.begin().await.expect("begin");
+        tx.execute_unprepared("INSERT INTO probe VALUES ('rolled back')")
+            .await
+            .expect("insert");
+        drop(tx);
+        let tx = store.writer.begin().await.expect("begin");
+        tx.execute_unprepared("INSERT INTO probe VALUES ('committed')")
+            .await
+            .expect("insert");
+        tx.commit().await.expect("commit");
+        assert_eq!(committed_probe_rows(&store).await, ["committed"]);
     }
 
     /// On SQLite every write turn runs on the same connection, whatever the readers do: its
