@@ -90,6 +90,21 @@ struct Batch {
     /// so no later rollback to a savepoint takes it back). Postgres delivers one per
     /// transaction and payload at commit, so one is enough for every writer of the batch.
     notified: AtomicBool,
+    /// SQLite: `tx` is the handle kept from the last batch, which committed with a `COMMIT` of
+    /// our own; no transaction is open on its connection. The batch's first send that opens a
+    /// savepoint begins one (`BEGIN` in the same hand-over).
+    ///
+    /// Kept because a new handle checks the writer's connection out of its pool again: sqlx
+    /// pings a connection when it comes back and at checkout, each a hand-over to SQLite's
+    /// thread, and returns it from a task of its own; that made `BEGIN` a fifth of the write
+    /// lock's time (BENCHMARKS.md, "Where the write lock's time goes, measured in the server").
+    ///
+    /// sqlx still counts the kept handle as one transaction deep, and nothing here lets sqlx
+    /// commit or roll it back by savepoint: the handle is only ever dropped, which makes sqlx
+    /// send a plain `ROLLBACK` (whatever is open is rolled back). If nothing was open, that
+    /// `ROLLBACK` fails and sqlx's count stays off by one; the pool then discards the connection
+    /// at its next checkout instead of beginning by savepoint on it (see [`connect_options`]).
+    needs_begin: AtomicBool,
     feed: Arc<CommittedFeed>,
     committed: Arc<Notify>,
     stats: Arc<WriteStats>,
@@ -137,6 +152,8 @@ pub struct WriteStats {
     send_ns: AtomicU64,
     begin_ns: AtomicU64,
     commit_ns: AtomicU64,
+    /// Batch transactions begun on a connection checked out of the pool.
+    begun: AtomicU64,
 }
 
 /// Where the write turns' time went since start (see [`Store::write_timings`]): what bounds
@@ -152,6 +169,10 @@ pub struct WriteTimings {
     pub sends: Duration,
     pub begins: Duration,
     pub commits: Duration,
+    /// Batch transactions begun on a connection checked out of the pool: one per batch on
+    /// Postgres; on SQLite one at the first batch and after a batch was rolled back (the
+    /// handle is kept from one batch to the next, see [`Batch::needs_begin`]).
+    pub begun: u64,
 }
 
 /// Add the time since `since` to `counter` (nanoseconds).
@@ -258,9 +279,10 @@ fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
         // A connection that comes back to the pool with sqlx still counting a transaction on
         // it is discarded rather than reused: a `ROLLBACK` sqlx sent when a handle was dropped
         // failed, because SQLite had none open (it rolls a transaction back by itself after
-        // some errors). On such a connection sqlx would begin the next transaction with a
-        // savepoint, and rolling that back would leave a transaction open whose later writes
-        // are never committed.
+        // some errors; the kept write handle has none open between batches, see
+        // `Batch::needs_begin`). On such a connection sqlx would begin the next transaction
+        // with a savepoint, and rolling that back would leave a transaction open whose later
+        // writes are never committed.
         .map_sqlx_sqlite_before_acquire(|conn, _| {
             Box::pin(async move { Ok(!sea_orm::sqlx::Connection::is_in_transaction(conn)) })
         })
@@ -289,9 +311,11 @@ impl Batch {
         let began = Instant::now();
         let tx = db.begin().await;
         add_elapsed(&self.stats.begin_ns, began);
+        self.stats.begun.fetch_add(1, Ordering::Relaxed);
         self.tx = Some(tx?);
         self.locked.store(false, Ordering::SeqCst);
         self.notified.store(false, Ordering::SeqCst);
+        self.needs_begin.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -330,9 +354,11 @@ impl Batch {
     /// Commit the open transaction (if any) and tell every waiting writer how it went.
     async fn flush(&mut self) -> Result<(), AppError> {
         self.settle().await?;
-        let Some(tx) = self.tx.take() else {
+        let idle = self.needs_begin.load(Ordering::SeqCst);
+        if self.tx.is_none() || (idle && self.writers == 0 && self.waiters.is_empty()) {
+            // Nothing begun since the last commit.
             return Ok(());
-        };
+        }
         let appended = std::mem::take(&mut self.appended);
         let writers = std::mem::take(&mut self.writers);
         self.waiting_since = None;
@@ -342,7 +368,16 @@ impl Batch {
         // On Postgres the batch's first appending writer sent a `pg_notify` after its release
         // (see `Batch::notified`); Postgres delivers it at commit.
         let began = Instant::now();
-        let result = tx.commit().await;
+        let result = match self.tx.take() {
+            // Its writers sent nothing: no transaction was begun in the kept handle.
+            Some(tx) if idle => {
+                self.tx = Some(tx);
+                Ok(())
+            }
+            Some(tx) if self.backend == DbBackend::Sqlite => self.commit_and_keep(tx).await,
+            Some(tx) => tx.commit().await,
+            None => Ok(()),
+        };
         add_elapsed(&self.stats.commit_ns, began);
         let ok = result.is_ok();
         // On SQLite this process is the only writer (every write takes the lock above), so the
@@ -365,6 +400,18 @@ impl Batch {
             self.committed.notify_waiters();
         }
         result.map_err(AppError::from)
+    }
+}
+
+impl Batch {
+    /// SQLite: commit the batch with a `COMMIT` of our own and keep the handle for the next
+    /// batch (see [`Batch::needs_begin`]). The handle is out of `self` while the `COMMIT` runs
+    /// and comes back only once it succeeded: a failed `COMMIT`, or one cut short, drops it.
+    async fn commit_and_keep(&mut self, tx: DatabaseTransaction) -> Result<(), DbErr> {
+        tx.execute_unprepared("COMMIT").await?;
+        self.tx = Some(tx);
+        self.needs_begin.store(true, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -495,6 +542,7 @@ impl Store {
             rollback_pending: false,
             locked: AtomicBool::new(false),
             notified: AtomicBool::new(false),
+            needs_begin: AtomicBool::new(false),
             feed: feed.clone(),
             committed: committed.clone(),
             stats: stats.clone(),
@@ -621,6 +669,7 @@ impl Store {
             sends: ns(&self.stats.send_ns),
             begins: ns(&self.stats.begin_ns),
             commits: ns(&self.stats.commit_ns),
+            begun: self.stats.begun.load(Ordering::Relaxed),
         }
     }
 
@@ -658,6 +707,15 @@ impl Store {
         }
         let mut guard = self.batch.lock(Turn::Request).await;
         guard.flush().await?;
+        // SQLite: hand the kept handle back to sqlx as it expects it, one transaction open,
+        // and end that. (Should the `BEGIN` fail, the drop rolls back what may be open.)
+        if let Some(tx) = guard.tx.take() {
+            if guard.needs_begin.swap(false, Ordering::SeqCst)
+                && tx.execute_unprepared("BEGIN").await.is_ok()
+            {
+                tx.commit().await?;
+            }
+        }
         if self.backend == DbBackend::Sqlite {
             let row = self
                 .db
@@ -1089,6 +1147,7 @@ impl WriteTx {
         }
         let opening = !self.opened.load(Ordering::SeqCst);
         let mut batch = Unsent::default();
+        let mut begins = 0;
         if opening && (open || read.is_some() || !pending.sql.is_empty()) {
             self.opened.store(true, Ordering::SeqCst);
             // Before the savepoint, at the transaction's top level: a lock taken inside a
@@ -1096,9 +1155,19 @@ impl WriteTx {
             if !sqlite && !self.batch().locked.swap(true, Ordering::SeqCst) {
                 batch.push(&pg_write_lock(), None);
             }
+            // SQLite, the handle kept from the last batch: its transaction begins here. If this
+            // send fails, whether it began is known by the savepoint: the next user of the
+            // batch rolls back to it, and abandons the batch when it is not there.
+            // (Not counted as a writer's statement, as the `BEGIN` of a new handle is not.)
+            if sqlite && self.batch().needs_begin.swap(false, Ordering::SeqCst) {
+                batch.push("BEGIN", None);
+                begins = 1;
+            }
             batch.push(SAVEPOINT, None);
         }
-        self.count_statements(batch.statements + pending.statements + usize::from(read.is_some()));
+        self.count_statements(
+            batch.statements - begins + pending.statements + usize::from(read.is_some()),
+        );
         if !pending.sql.is_empty() {
             batch.push(&pending.sql, Some(sea_orm::Values(pending.values)));
         }
@@ -1262,8 +1331,11 @@ impl Drop for WriteTx {
             return;
         }
         if guard.waiters.is_empty() {
-            // Nothing of anyone's is in the batch: roll it back rather than leave it open.
-            guard.abandon();
+            // Nothing of anyone's is in the batch: roll it back rather than leave it open
+            // (unless nothing is open: the handle kept from the last batch stays).
+            if !guard.needs_begin.load(Ordering::SeqCst) {
+                guard.abandon();
+            }
             return;
         }
         // Writers wait on this batch and nobody else is coming: commit it for them.
@@ -1407,6 +1479,69 @@ mod tests {
             .expect("insert");
         tx.commit().await.expect("commit");
         assert_eq!(committed_probe_rows(&store).await, ["committed"]);
+    }
+
+    /// A write through the store's writer: a row in `probe`, then a commit or a drop.
+    async fn probe_write(store: &Store, x: &str, commit: bool) {
+        let w = store.write().await.expect("writer");
+        w.conn()
+            .await
+            .expect("conn")
+            .execute_unprepared(&format!("INSERT INTO probe VALUES ('{x}')"))
+            .await
+            .expect("insert");
+        if commit {
+            w.commit().await.expect("commit");
+        }
+    }
+
+    /// SQLite: batches share the transaction handle kept from the last commit (see
+    /// `Batch::needs_begin`). A writer whose transaction SQLite rolled back under it (here by
+    /// hand, as SQLite does after some errors) and that then gives up abandons the batch; the
+    /// kept handle goes with it. Every batch after that still commits exactly its committed
+    /// writers: nothing of an abandoned writer is committed by a later batch, nothing committed
+    /// is lost. (With the handle given back to sqlx's pool and reused as it was, the writer
+    /// dropped after the abandoned batch was committed by the next one.)
+    #[tokio::test]
+    async fn abandoned_batches_leave_nothing_to_the_next() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = probe_store(dir.path()).await;
+        probe_write(&store, "a committed", true).await;
+        let w = store.write().await.expect("writer");
+        let conn = w.conn().await.expect("conn");
+        conn.execute_unprepared("INSERT INTO probe VALUES ('b rolled back by SQLite')")
+            .await
+            .expect("insert");
+        conn.execute_unprepared("ROLLBACK")
+            .await
+            .expect("rolled back under the writer");
+        drop(w);
+        probe_write(&store, "c committed", true).await;
+        probe_write(&store, "d dropped", false).await;
+        probe_write(&store, "e committed", true).await;
+        probe_write(&store, "f dropped", false).await;
+        probe_write(&store, "g committed", true).await;
+        assert_eq!(
+            committed_probe_rows(&store).await,
+            ["a committed", "c committed", "e committed", "g committed"]
+        );
+        store.close().await.expect("close");
+        assert_eq!(
+            committed_probe_rows(&store).await,
+            ["a committed", "c committed", "e committed", "g committed"]
+        );
+        probe_write(&store, "h after close", true).await;
+        let reopened = test_store(dir.path()).await;
+        assert_eq!(
+            committed_probe_rows(&reopened).await,
+            [
+                "a committed",
+                "c committed",
+                "e committed",
+                "g committed",
+                "h after close"
+            ]
+        );
     }
 
     /// On SQLite every write turn runs on the same connection, whatever the readers do: its

@@ -579,6 +579,45 @@ async fn write_turns_account_for_their_time(backend: Backend) {
     );
 }
 
+/// On SQLite a batch commits with a `COMMIT` of the store's own and keeps its transaction
+/// handle, and its connection, for the next batch, which begins with its first writer's first
+/// send: batches after the first check no connection out of the pool (each checkout cost sqlx's
+/// pings, a fifth of the write lock's time), nor does a writer that leaves without writing. On
+/// Postgres every batch begins its own. Either way every batch's writes are committed and
+/// visible to other connections.
+async fn batches_keep_the_writers_transaction(backend: Backend) {
+    let (app, _services, store, _thread) = stepped_by_hand(backend).await;
+    let before = store.write_timings();
+    let (_, commits_before) = store.write_stats().get();
+    let head = store.head_sequence().await.expect("head");
+    for i in 0..5 {
+        let mut w = store.write().await.expect("writer");
+        w.append(
+            &format!("brand:kept{i}"),
+            0,
+            &meta(),
+            brand_created(&format!("kept{i}")),
+        )
+        .await
+        .expect("append");
+        w.commit().await.expect("commit");
+        // A writer that takes its turn and goes without writing anything leaves it as it was.
+        drop(store.write().await.expect("writer"));
+    }
+    let after = store.write_timings();
+    let (_, commits_after) = store.write_stats().get();
+    assert_eq!(commits_after - commits_before, 5, "one batch each");
+    let begun = after.begun - before.begun;
+    if store.is_postgres() {
+        assert_eq!(begun, 10, "the five batches and the five writers that wrote nothing");
+    } else {
+        assert_eq!(begun, 0, "the handle kept from the last batch is used");
+    }
+    let streams = streams_after(&store, head).await;
+    assert_eq!(streams.len(), 5, "{streams:?}");
+    app.create_brand("after the batches").await;
+}
+
 /// Append `events` to the run in `w` and project them; the run's new state.
 async fn append_to_run(w: &mut WriteTx, state: RunState, events: Vec<DomainEvent>) -> RunState {
     let new = events
@@ -813,6 +852,7 @@ crate::both_backends!(
     a_turns_appends_write_a_runs_rows_once,
     a_hand_off_leases_the_row_its_turn_writes,
     write_turns_account_for_their_time,
+    batches_keep_the_writers_transaction,
     merged_appends_equal_a_replay,
     requests_go_before_the_runtimes_waiting_writes
 );
