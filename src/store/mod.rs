@@ -100,8 +100,9 @@ struct Batch {
     /// lock's time (BENCHMARKS.md, "Where the write lock's time goes, measured in the server").
     ///
     /// sqlx still counts the kept handle as one transaction deep, and nothing here lets sqlx
-    /// commit or roll it back by savepoint: the handle is only ever dropped, which makes sqlx
-    /// send a plain `ROLLBACK` (whatever is open is rolled back). If nothing was open, that
+    /// commit or roll it back by savepoint: the handle is dropped, which makes sqlx send a plain
+    /// `ROLLBACK` (whatever is open is rolled back), or, in [`Store::close`] only, committed
+    /// through sqlx right after a `BEGIN` of ours. If nothing was open at a drop, that
     /// `ROLLBACK` fails and sqlx's count stays off by one; the pool then discards the connection
     /// at its next checkout instead of beginning by savepoint on it (see [`connect_options`]).
     needs_begin: AtomicBool,
@@ -148,7 +149,8 @@ pub struct WriteStats {
     /// SQLite: times the checkpoint task panicked (and was started again).
     checkpoint_panics: Arc<AtomicU64>,
     /// Nanoseconds writers waited for their sends, batches for their `BEGIN` (a connection
-    /// checked out, the transaction begun) and for their `COMMIT`, all inside write turns.
+    /// checked out, the transaction begun; on SQLite only when no handle is kept, the kept
+    /// handle's `BEGIN` going with a send) and for their `COMMIT`, all inside write turns.
     send_ns: AtomicU64,
     begin_ns: AtomicU64,
     commit_ns: AtomicU64,
@@ -170,8 +172,9 @@ pub struct WriteTimings {
     pub begins: Duration,
     pub commits: Duration,
     /// Batch transactions begun on a connection checked out of the pool: one per batch on
-    /// Postgres; on SQLite one at the first batch and after a batch was rolled back (the
-    /// handle is kept from one batch to the next, see [`Batch::needs_begin`]).
+    /// Postgres; on SQLite one at the first batch, and after a batch was rolled back, a
+    /// `COMMIT` failed or [`Store::close`] (the handle is otherwise kept from one batch to the
+    /// next, see [`Batch::needs_begin`]).
     pub begun: u64,
 }
 
@@ -230,7 +233,10 @@ impl WriteStats {
 impl std::fmt::Debug for Batch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Batch")
-            .field("open", &self.tx.is_some())
+            .field(
+                "open",
+                &(self.tx.is_some() && !self.needs_begin.load(Ordering::SeqCst)),
+            )
             .field("waiters", &self.waiters.len())
             .field("appended", &self.appended)
             .finish()
@@ -276,8 +282,8 @@ fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
         .connect_timeout(Duration::from_secs(10))
         .acquire_timeout(Duration::from_secs(30))
         .sqlx_logging(false)
-        // A connection that comes back to the pool with sqlx still counting a transaction on
-        // it is discarded rather than reused: a `ROLLBACK` sqlx sent when a handle was dropped
+        // A pooled connection on which sqlx still counts a transaction is discarded at its next
+        // checkout rather than reused: a `ROLLBACK` sqlx sent when a handle was dropped
         // failed, because SQLite had none open (it rolls a transaction back by itself after
         // some errors; the kept write handle has none open between batches, see
         // `Batch::needs_begin`). On such a connection sqlx would begin the next transaction
@@ -1320,8 +1326,11 @@ impl Drop for WriteTx {
             return;
         };
         // Read the head again after a rollback: a cached one may be what failed (another
-        // process appending to the same SQLite file, say).
-        guard.head = None;
+        // process appending to the same SQLite file, say), or this writer may have moved it for
+        // appends now gone. A writer that neither sent nor appended anything leaves it.
+        if self.opened.load(Ordering::SeqCst) || self.appended > 0 {
+            guard.head = None;
+        }
         if self.opened.load(Ordering::SeqCst) {
             // Rolled back by whoever uses the batch next (a writer, or its commit).
             guard.rollback_pending = true;
