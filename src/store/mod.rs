@@ -375,9 +375,9 @@ impl Batch {
         // (see `Batch::notified`); Postgres delivers it at commit.
         let began = Instant::now();
         let result = match self.tx.take() {
-            // Its writers sent nothing: no transaction was begun in the kept handle.
-            Some(tx) if idle => {
-                self.tx = Some(tx);
+            // Its writers sent nothing: no transaction was begun in the kept handle, which stays.
+            tx if idle => {
+                self.tx = tx;
                 Ok(())
             }
             Some(tx) if self.backend == DbBackend::Sqlite => self.commit_and_keep(tx).await,
@@ -407,9 +407,7 @@ impl Batch {
         }
         result.map_err(AppError::from)
     }
-}
 
-impl Batch {
     /// SQLite: commit the batch with a `COMMIT` of our own and keep the handle for the next
     /// batch (see [`Batch::needs_begin`]). The handle is out of `self` while the `COMMIT` runs
     /// and comes back only once it succeeded: a failed `COMMIT`, or one cut short, drops it.
@@ -1256,8 +1254,7 @@ impl WriteTx {
     /// Make this writer's changes part of the batch, and return once the batch has committed.
     /// The unsent writes and the savepoint's release go in one send (on Postgres with a
     /// `pg_notify` when this writer is the batch's first to append). An error leaves the
-    /// writer to its drop,
-    /// which rolls its savepoint back.
+    /// writer to its drop, which rolls its savepoint back.
     ///
     /// The commit runs in a task of its own: a caller that goes away midway (a request whose
     /// client left, a lease heartbeat stopped) cannot cut the release short and leave a

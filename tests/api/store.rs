@@ -591,16 +591,7 @@ async fn batches_keep_the_writers_transaction(backend: Backend) {
     let (_, commits_before) = store.write_stats().get();
     let head = store.head_sequence().await.expect("head");
     for i in 0..5 {
-        let mut w = store.write().await.expect("writer");
-        w.append(
-            &format!("brand:kept{i}"),
-            0,
-            &meta(),
-            brand_created(&format!("kept{i}")),
-        )
-        .await
-        .expect("append");
-        w.commit().await.expect("commit");
+        commit_brand(&store, &format!("kept{i}")).await;
         // A writer that takes its turn and goes without writing anything leaves it as it was.
         drop(store.write().await.expect("writer"));
     }
@@ -620,26 +611,23 @@ async fn batches_keep_the_writers_transaction(backend: Backend) {
     assert_eq!(streams.len(), 5, "{streams:?}");
     // Nor does it make the next writer read the log's head again (on SQLite it is kept from
     // batch to batch): an append after such a writer sends what one after a commit sends.
-    let append = |name: &'static str, leave: bool| {
-        let store = store.clone();
-        async move {
-            if leave {
-                drop(store.write().await.expect("writer"));
-            }
-            let before = store.write_stats().statements();
-            let mut w = store.write().await.expect("writer");
-            w.append(&format!("brand:{name}"), 0, &meta(), brand_created(name))
-                .await
-                .expect("append");
-            w.commit().await.expect("commit");
-            store.write_stats().statements() - before
-        }
-    };
-    append("first", false).await;
-    let after_commit = append("after-commit", false).await;
-    let after_leaving = append("after-leaving", true).await;
+    commit_brand(&store, "first").await;
+    let after_commit = commit_brand(&store, "after-commit").await;
+    drop(store.write().await.expect("writer"));
+    let after_leaving = commit_brand(&store, "after-leaving").await;
     assert_eq!(after_leaving, after_commit);
     app.create_brand("after the batches").await;
+}
+
+/// A writer that creates brand `name` and commits; the statements it sent.
+async fn commit_brand(store: &Store, name: &str) -> u64 {
+    let before = store.write_stats().statements();
+    let mut w = store.write().await.expect("writer");
+    w.append(&format!("brand:{name}"), 0, &meta(), brand_created(name))
+        .await
+        .expect("append");
+    w.commit().await.expect("commit");
+    store.write_stats().statements() - before
 }
 
 /// Append `events` to the run in `w` and project them; the run's new state.
