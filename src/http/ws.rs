@@ -50,9 +50,9 @@ pub struct WsSettings {
     pub max_message_bytes: usize,
 }
 
-/// What an operation's stream yields: a response to send, then its end.
+/// What an operation's stream yields: a response's whole protocol message, then its end.
 enum OpItem {
-    Next(Payload),
+    Next(String),
     Done,
 }
 
@@ -116,7 +116,7 @@ pub async fn serve(
             _ = pings.tick() => Woke::Ping,
         };
         let first = match woke {
-            Woke::Op(id, item) => Reply::Send(conn.op_message(&id, item, &mut ops)),
+            Woke::Op(id, item) => Reply::Send(op_message(&id, item, &mut ops)),
             Woke::Read(None) => return, // the client went away
             Woke::Read(Some(Ok(Message::Close(_)))) => {
                 // tungstenite has queued its answer to the close; send it and stop.
@@ -156,21 +156,20 @@ pub async fn serve(
                 return;
             }
         };
-        if !written(settings.write_timeout, socket.feed(msg)).await {
-            return;
-        }
         // Whatever else is ready goes out with it in one write: the transitions of one commit
-        // reach a subscriber together, and each write is a system call.
-        for _ in 1..MAX_BURST {
-            let Some(Some((id, item))) = ops.next().now_or_never() else {
-                break;
-            };
-            let msg = conn.op_message(&id, item, &mut ops);
-            if !written(settings.write_timeout, socket.feed(msg)).await {
-                return;
+        // reach a subscriber together, and each write is a system call. One deadline for the
+        // whole write, not a timer per message.
+        let burst = async {
+            socket.feed(msg).await?;
+            for _ in 1..MAX_BURST {
+                let Some(Some((id, item))) = ops.next().now_or_never() else {
+                    break;
+                };
+                socket.feed(op_message(&id, item, &mut ops)).await?;
             }
-        }
-        if !written(settings.write_timeout, socket.flush()).await {
+            socket.flush().await
+        };
+        if !written(settings.write_timeout, burst).await {
             return;
         }
     }
@@ -246,10 +245,12 @@ impl Connection {
                 } else if ops.len() >= self.max_operations {
                     return Reply::Send(refuse(&id, self.legacy, self.max_operations));
                 }
+                let kind = if self.legacy { "data" } else { "next" };
+                let wrap = Wrapper::new(kind, &id);
                 let responses = self
                     .executor
                     .payloads(payload, session)
-                    .map(OpItem::Next)
+                    .map(move |payload| OpItem::Next(wrap.message(&payload)))
                     .chain(futures::stream::once(async { OpItem::Done }));
                 ops.insert(id, responses.boxed());
                 Reply::Nothing
@@ -264,25 +265,6 @@ impl Connection {
         }
     }
 
-    /// The message for an operation's next response or its end.
-    fn op_message(&self, id: &str, item: OpItem, ops: &mut Operations) -> Message {
-        match item {
-            OpItem::Next(payload) => {
-                let kind = if self.legacy { "data" } else { "next" };
-                let id = json!(id);
-                text(format!(
-                    r#"{{"type":"{kind}","id":{id},"payload":{payload}}}"#
-                ))
-            }
-            OpItem::Done => {
-                // Gone at once: the map itself would drop the ended stream only when it next
-                // polls it, and until then the id would count as active.
-                ops.remove(id);
-                complete(id)
-            }
-        }
-    }
-
     /// The close frame for a protocol violation: `code` on graphql-transport-ws, 1002 on the
     /// legacy protocol (which defines no codes of its own).
     fn protocol_close(&self, code: u16, reason: &str) -> Message {
@@ -294,6 +276,40 @@ impl Connection {
             },
             reason,
         )
+    }
+}
+
+/// The message for an operation's next response or its end.
+fn op_message(id: &str, item: OpItem, ops: &mut Operations) -> Message {
+    match item {
+        OpItem::Next(message) => text(message),
+        OpItem::Done => {
+            // Gone at once: the map itself would drop the ended stream only when it next
+            // polls it, and until then the id would count as active.
+            ops.remove(id);
+            complete(id)
+        }
+    }
+}
+
+/// The start of an operation's response messages (`{"type":"next","id":…,"payload":`), made
+/// once per operation: a response only adds its payload, already JSON, and the closing brace.
+struct Wrapper(String);
+
+impl Wrapper {
+    fn new(kind: &str, id: &str) -> Self {
+        Wrapper(format!(
+            r#"{{"type":"{kind}","id":{},"payload":"#,
+            json!(id)
+        ))
+    }
+
+    fn message(&self, payload: &Payload) -> String {
+        let mut message = String::with_capacity(self.0.len() + payload.len() + 1);
+        message.push_str(&self.0);
+        message.push_str(payload);
+        message.push('}');
+        message
     }
 }
 
