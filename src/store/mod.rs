@@ -1182,6 +1182,7 @@ impl WriteTx {
         let _timed = SendTimer(&self.batch().stats.send_ns, Instant::now());
         if !batch.sql.is_empty() {
             self.count_send();
+            tracing::trace!(target: "vm_workflow::store::sends", sql = %batch.sql, "send");
             let tx = self.batch_tx();
             if sqlite {
                 let stmt = Statement::from_sql_and_values(self.backend, batch.sql, batch.values);

@@ -354,11 +354,11 @@ impl Deferred {
         let mut out = Vec::new();
         let events = std::mem::take(&mut self.events);
         if !events.is_empty() {
-            out.push(backend.build(&event::Entity::insert_many(events).into_query()));
+            out.push(insert_rows(backend, events));
         }
         let timeline = std::mem::take(&mut self.timeline);
         if !timeline.is_empty() {
-            out.push(backend.build(&timeline_item::Entity::insert_many(timeline).into_query()));
+            out.push(insert_rows(backend, timeline));
         }
         for (thread_id, at) in std::mem::take(&mut self.touched) {
             out.push(
@@ -390,20 +390,83 @@ impl Deferred {
                 );
             }
             if !a.artifacts.is_empty() {
-                let rows = a.artifacts.iter().map(|r| artifact::ActiveModel {
-                    run_id: Set(a.run_id.clone()),
-                    stage_key: Set(a.stage_key.clone()),
-                    path: Set(r.path.clone()),
-                    kind: Set(r.kind.clone()),
-                    sha256: Set(r.sha256.clone()),
-                    size: Set(r.size),
-                    attempt: Set(a.attempt as i32),
-                });
-                out.push(backend.build(&artifact::Entity::insert_many(rows).into_query()));
+                let rows: Vec<_> = a
+                    .artifacts
+                    .iter()
+                    .map(|r| artifact::ActiveModel {
+                        run_id: Set(a.run_id.clone()),
+                        stage_key: Set(a.stage_key.clone()),
+                        path: Set(r.path.clone()),
+                        kind: Set(r.kind.clone()),
+                        sha256: Set(r.sha256.clone()),
+                        size: Set(r.size),
+                        attempt: Set(a.attempt as i32),
+                    })
+                    .collect();
+                out.push(insert_rows(backend, rows));
             }
         }
         Ok(out)
     }
+}
+
+/// `INSERT INTO "table" ("a", "b", …) VALUES (…), (…)` for `rows`: the SQL written here, the
+/// values moved out of the rows. The same text and values as sea-orm's `insert_many` builds
+/// (a test compares them); building a run's read-model writes, inside the writer's turn, takes
+/// 41 % fewer instructions this way (callgrind, BENCHMARKS.md). Rows that do not all set the
+/// same columns go through `insert_many`.
+fn insert_rows<A: ActiveModelTrait>(backend: DbBackend, mut rows: Vec<A>) -> Statement {
+    use sea_orm::{EntityName, IdenStatic, Iterable};
+    use std::fmt::Write as _;
+    type Col<A> = <<A as ActiveModelTrait>::Entity as EntityTrait>::Column;
+    // The columns a row sets, as bits in the entity's column order (`None` past 64 columns).
+    let set = |row: &A| {
+        Col::<A>::iter().enumerate().try_fold(0u64, |bits, (i, c)| {
+            let bit = 1u64.checked_shl(u32::try_from(i).ok()?)?;
+            Some(if row.is_not_set(c) { bits } else { bits | bit })
+        })
+    };
+    let bits = rows.first().and_then(set).filter(|bits| *bits != 0);
+    let Some(bits) = bits.filter(|bits| rows.iter().all(|row| set(row) == Some(*bits))) else {
+        return backend.build(&A::Entity::insert_many(rows).into_query());
+    };
+    let columns: Vec<Col<A>> = Col::<A>::iter()
+        .enumerate()
+        .filter(|(i, _)| bits >> i & 1 == 1)
+        .map(|(_, c)| c)
+        .collect();
+    // Identifiers quoted as sea-query quotes them (no entity's name holds a quote).
+    let mut sql = String::with_capacity(64 + columns.len() * (24 + 6 * rows.len()));
+    sql.push_str("INSERT INTO \"");
+    sql.push_str(A::Entity::default().table_name());
+    sql.push_str("\" (");
+    for (j, column) in columns.iter().enumerate() {
+        sql.push_str(if j == 0 { "\"" } else { ", \"" });
+        sql.push_str(column.as_str());
+        sql.push('"');
+    }
+    sql.push_str(") VALUES ");
+    let mut values = Vec::with_capacity(rows.len() * columns.len());
+    for (i, row) in rows.iter_mut().enumerate() {
+        sql.push_str(if i == 0 { "(" } else { ", (" });
+        for (j, column) in columns.iter().enumerate() {
+            if j > 0 {
+                sql.push_str(", ");
+            }
+            match backend {
+                DbBackend::Postgres => {
+                    let _ = write!(sql, "${}", values.len() + 1);
+                }
+                _ => sql.push('?'),
+            }
+            match row.take(*column) {
+                sea_orm::ActiveValue::Set(v) | sea_orm::ActiveValue::Unchanged(v) => values.push(v),
+                sea_orm::ActiveValue::NotSet => unreachable!("checked: every row sets the column"),
+            }
+        }
+        sql.push(')');
+    }
+    Statement::from_sql_and_values(backend, sql, values)
 }
 
 /// The writes that take one kind of a run's rows (stages, approvals, tasks) from `before` to
@@ -428,7 +491,7 @@ fn child_rows<T: PartialEq, A: ActiveModelTrait>(
         }
     }
     if !new.is_empty() {
-        statements.push(backend.build(&A::Entity::insert_many(new).into_query()));
+        statements.push(insert_rows(backend, new));
     }
 }
 
@@ -807,5 +870,70 @@ impl WriteTx {
         self.load_run_state(run_id)
             .await?
             .ok_or_else(|| AppError::not_found("run", run_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::ActiveValue::NotSet;
+
+    fn event_row(sequence: i64, thread: Option<&str>) -> event::ActiveModel {
+        event::ActiveModel {
+            sequence: Set(sequence),
+            event_id: Set(format!("ev-{sequence}")),
+            stream_id: Set("run:r-1".into()),
+            stream_version: Set(sequence),
+            event_type: Set("WorkflowRunQueued".into()),
+            actor_type: Set("user".into()),
+            actor_id: Set("o'brien \"q\"".into()),
+            thread_id: Set(thread.map(Into::into)),
+            run_id: Set(Some("r-1".into())),
+            correlation_id: Set(None),
+            causation_id: Set(None),
+            occurred_at: Set("2026-11-27T22:00:00.000000Z".into()),
+            payload: Set(r#"{"a":[1,2]}"#.into()),
+        }
+    }
+
+    fn stage_row(position: i32, failed: bool) -> stage::ActiveModel {
+        stage::ActiveModel {
+            run_id: Set("r-1".into()),
+            position: Set(position),
+            key: Set(format!("stage-{position}")),
+            status: Set("pending".into()),
+            skills: Set("[]".into()),
+            approval_required: Set(position % 2 == 0),
+            max_attempts: Set(3),
+            backoff_seconds: Set(0.5),
+            timeout_seconds: Set(30.0),
+            attempts: Set(0),
+            failures: Set(0),
+            error_code: Set(failed.then(|| "X".to_string())),
+            error_message: Set(None),
+            retryable: Set(false),
+            started_at: Set(None),
+            finished_at: Set(None),
+        }
+    }
+
+    fn same_as_sea_orm<A: ActiveModelTrait + Clone>(rows: Vec<A>) {
+        for backend in [DbBackend::Sqlite, DbBackend::Postgres] {
+            let ours = insert_rows(backend, rows.clone());
+            let theirs = backend.build(&A::Entity::insert_many(rows.clone()).into_query());
+            assert_eq!(ours.sql, theirs.sql, "{backend:?}");
+            assert_eq!(ours.values, theirs.values, "{backend:?}");
+        }
+    }
+
+    #[test]
+    fn inserts_are_written_as_sea_orm_writes_them() {
+        same_as_sea_orm((1..=29).map(|n| event_row(n, Some("t-1"))).collect());
+        same_as_sea_orm(vec![event_row(7, None)]);
+        same_as_sea_orm((1..=4).map(|p| stage_row(p, p == 3)).collect());
+        // Rows that set different columns take sea-orm's own path.
+        let mut partial = stage_row(2, false);
+        partial.started_at = NotSet;
+        same_as_sea_orm(vec![stage_row(1, false), partial]);
     }
 }
