@@ -469,8 +469,64 @@ fn insert_rows<A: ActiveModelTrait>(backend: DbBackend, mut rows: Vec<A>) -> Sta
     Statement::from_sql_and_values(backend, sql, values)
 }
 
+/// A row's key: the columns and values that select it.
+type Key<A> = Vec<(
+    <<A as ActiveModelTrait>::Entity as EntityTrait>::Column,
+    sea_orm::Value,
+)>;
+
+/// `UPDATE "table" SET "a" = ?, … WHERE "table"."k" = ? AND …`: the columns `row` sets, on the
+/// row `key` selects, written here as [`insert_rows`] writes inserts, the same text and values
+/// as sea-orm's `update_many().set(row).filter(…)` builds (a test compares them).
+fn update_keyed<A: ActiveModelTrait>(backend: DbBackend, mut row: A, key: Key<A>) -> Statement {
+    use sea_orm::{EntityName, IdenStatic, Iterable};
+    use std::fmt::Write as _;
+    let table = A::Entity::default().table_name();
+    let mut sql = String::with_capacity(256);
+    let mut values = Vec::new();
+    let placeholder =
+        |sql: &mut String, values: &mut Vec<sea_orm::Value>, value: sea_orm::Value| {
+            values.push(value);
+            match backend {
+                DbBackend::Postgres => {
+                    let _ = write!(sql, "${}", values.len());
+                }
+                _ => sql.push('?'),
+            }
+        };
+    let _ = write!(sql, "UPDATE \"{table}\" SET ");
+    for column in <A::Entity as EntityTrait>::Column::iter() {
+        match row.take(column) {
+            sea_orm::ActiveValue::Set(v) | sea_orm::ActiveValue::Unchanged(v) => {
+                if !values.is_empty() {
+                    sql.push_str(", ");
+                }
+                let _ = write!(sql, "\"{}\" = ", column.as_str());
+                placeholder(&mut sql, &mut values, v);
+            }
+            sea_orm::ActiveValue::NotSet => {}
+        }
+    }
+    if values.is_empty() || key.is_empty() {
+        // Nothing to set, or every row: not what the projector writes; sea-orm says what it means.
+        let which = key
+            .into_iter()
+            .fold(Condition::all(), |all, (c, v)| all.add(c.eq(v)));
+        return backend.build(&update(row, which));
+    }
+    sql.push_str(" WHERE ");
+    for (i, (column, value)) in key.into_iter().enumerate() {
+        if i > 0 {
+            sql.push_str(" AND ");
+        }
+        let _ = write!(sql, "\"{table}\".\"{}\" = ", column.as_str());
+        placeholder(&mut sql, &mut values, value);
+    }
+    Statement::from_sql_and_values(backend, sql, values)
+}
+
 /// The writes that take one kind of a run's rows (stages, approvals, tasks) from `before` to
-/// `after`: new rows in one insert, changed rows updated where `which` selects them.
+/// `after`: new rows in one insert, changed rows updated where `key` selects them.
 fn child_rows<T: PartialEq, A: ActiveModelTrait>(
     backend: DbBackend,
     statements: &mut Vec<Statement>,
@@ -478,14 +534,14 @@ fn child_rows<T: PartialEq, A: ActiveModelTrait>(
     before: Option<&[T]>,
     same_row: impl Fn(&T, &T) -> bool,
     row: impl Fn(&T) -> A,
-    which: impl Fn(&T) -> Condition,
+    key: impl Fn(&T) -> Key<A>,
 ) {
     let mut new = Vec::new();
     for item in after {
         match before.and_then(|b| b.iter().find(|old| same_row(old, item))) {
             None => new.push(row(item)),
             Some(old) if old != item => {
-                statements.push(backend.build(&update(row(item), which(item))))
+                statements.push(update_keyed(backend, row(item), key(item)))
             }
             Some(_) => {}
         }
@@ -526,7 +582,11 @@ fn run_rows(
                 finished_at: Set(r.finished_at.clone()),
                 ..Default::default()
             };
-            out!(&update(changes, run::Column::Id.eq(r.id.clone())))
+            statements.push(update_keyed(
+                backend,
+                changes,
+                vec![(run::Column::Id, r.id.clone().into())],
+            ))
         }
         Some(_) => {}
     }
@@ -538,9 +598,10 @@ fn run_rows(
         |a, b| a.position == b.position,
         |s| stage_to_model(s).into_active_model().reset_all(),
         |s| {
-            Condition::all()
-                .add(stage::Column::RunId.eq(s.run_id.clone()))
-                .add(stage::Column::Position.eq(s.position))
+            vec![
+                (stage::Column::RunId, s.run_id.clone().into()),
+                (stage::Column::Position, s.position.into()),
+            ]
         },
     );
     child_rows(
@@ -550,7 +611,7 @@ fn run_rows(
         before.map(|b| b.approvals.as_slice()),
         |a, b| a.id == b.id,
         |a| approval_to_model(a).into_active_model().reset_all(),
-        |a| Condition::all().add(approval::Column::Id.eq(a.id.clone())),
+        |a| vec![(approval::Column::Id, a.id.clone().into())],
     );
     child_rows(
         backend,
@@ -559,7 +620,7 @@ fn run_rows(
         before.map(|b| b.tasks.as_slice()),
         |a, b| a.id == b.id,
         |t| task_to_model(t).into_active_model().reset_all(),
-        |t| Condition::all().add(task::Column::Id.eq(t.id.clone())),
+        |t| vec![(task::Column::Id, t.id.clone().into())],
     );
     // The work queue follows the run status: runnable runs have a row, others none.
     match &change.queue {
@@ -924,6 +985,37 @@ mod tests {
             assert_eq!(ours.sql, theirs.sql, "{backend:?}");
             assert_eq!(ours.values, theirs.values, "{backend:?}");
         }
+    }
+
+    fn update_same_as_sea_orm<A: ActiveModelTrait + Clone>(row: A, key: Key<A>) {
+        let which = key
+            .iter()
+            .fold(Condition::all(), |all, (c, v)| all.add(c.eq(v.clone())));
+        for backend in [DbBackend::Sqlite, DbBackend::Postgres] {
+            let ours = update_keyed(backend, row.clone(), key.clone());
+            let theirs = backend.build(&update(row.clone(), which.clone()));
+            assert_eq!(ours.sql, theirs.sql, "{backend:?}");
+            assert_eq!(ours.values, theirs.values, "{backend:?}");
+        }
+    }
+
+    #[test]
+    fn updates_are_written_as_sea_orm_writes_them() {
+        let key = |p: i32| {
+            vec![
+                (stage::Column::RunId, "r-1".into()),
+                (stage::Column::Position, p.into()),
+            ]
+        };
+        update_same_as_sea_orm(stage_row(2, true), key(2));
+        let changes = run::ActiveModel {
+            status: Set("waiting_approval".into()),
+            current_stage: Set(Some("brand-voice".into())),
+            version: Set(7),
+            finished_at: Set(None),
+            ..Default::default()
+        };
+        update_same_as_sea_orm(changes, vec![(run::Column::Id, "r-1".into())]);
     }
 
     #[test]
