@@ -40,8 +40,8 @@ pub const READ_BUFFER_BYTES: usize = 4096;
 pub struct WsSettings {
     pub init_timeout: Duration,
     pub ping_interval: Duration,
-    /// A write (with its flush) that takes longer ends the connection: the client stopped
-    /// reading.
+    /// A write that takes longer ends the connection: the client stopped reading. A write is
+    /// everything ready at once (up to [`MAX_BURST`] messages) and its flush.
     pub write_timeout: Duration,
     pub max_operations: usize,
     /// WebSocket connections open right now, shared by all of them.

@@ -475,9 +475,11 @@ type Key<A> = Vec<(
     sea_orm::Value,
 )>;
 
-/// `UPDATE "table" SET "a" = ?, … WHERE "table"."k" = ? AND …`: the columns `row` sets, on the
-/// row `key` selects, written here as [`insert_rows`] writes inserts, the same text and values
-/// as sea-orm's `update_many().set(row).filter(…)` builds (a test compares them).
+/// `UPDATE "table" SET "a" = ?, … WHERE "table"."k" = ? AND …`: the columns `row` sets
+/// (`Set`, as sea-orm's `UpdateMany::set` takes them), on the row `key` selects, written here as
+/// [`insert_rows`] writes inserts: the same text and values as `update_many().set(row)
+/// .filter(…)` builds (a test compares them). An empty key would select every row: that goes
+/// through sea-orm, as does a row that sets nothing.
 fn update_keyed<A: ActiveModelTrait>(backend: DbBackend, mut row: A, key: Key<A>) -> Statement {
     use sea_orm::{EntityName, IdenStatic, Iterable};
     use std::fmt::Write as _;
@@ -494,25 +496,26 @@ fn update_keyed<A: ActiveModelTrait>(backend: DbBackend, mut row: A, key: Key<A>
                 _ => sql.push('?'),
             }
         };
+    let which = |key: Key<A>| {
+        key.into_iter()
+            .fold(Condition::all(), |all, (c, v)| all.add(c.eq(v)))
+    };
+    if key.is_empty() {
+        return backend.build(&update(row, which(key)));
+    }
     let _ = write!(sql, "UPDATE \"{table}\" SET ");
     for column in <A::Entity as EntityTrait>::Column::iter() {
-        match row.take(column) {
-            sea_orm::ActiveValue::Set(v) | sea_orm::ActiveValue::Unchanged(v) => {
-                if !values.is_empty() {
-                    sql.push_str(", ");
-                }
-                let _ = write!(sql, "\"{}\" = ", column.as_str());
-                placeholder(&mut sql, &mut values, v);
+        if let sea_orm::ActiveValue::Set(v) = row.take(column) {
+            if !values.is_empty() {
+                sql.push_str(", ");
             }
-            sea_orm::ActiveValue::NotSet => {}
+            let _ = write!(sql, "\"{}\" = ", column.as_str());
+            placeholder(&mut sql, &mut values, v);
         }
     }
-    if values.is_empty() || key.is_empty() {
-        // Nothing to set, or every row: not what the projector writes; sea-orm says what it means.
-        let which = key
-            .into_iter()
-            .fold(Condition::all(), |all, (c, v)| all.add(c.eq(v)));
-        return backend.build(&update(row, which));
+    if values.is_empty() {
+        // The row set nothing: sea-orm's statement for it, from a row that sets nothing either.
+        return backend.build(&update(<A as ActiveModelTrait>::default(), which(key)));
     }
     sql.push_str(" WHERE ");
     for (i, (column, value)) in key.into_iter().enumerate() {
@@ -1016,6 +1019,14 @@ mod tests {
             ..Default::default()
         };
         update_same_as_sea_orm(changes, vec![(run::Column::Id, "r-1".into())]);
+        // Unchanged values are not written, as sea-orm does not write them.
+        let mut partly = stage_row(3, false);
+        partly.key = sea_orm::ActiveValue::Unchanged("stage-3".into());
+        partly.skills = sea_orm::ActiveValue::Unchanged("[]".into());
+        update_same_as_sea_orm(partly, key(3));
+        // No key (every row) and nothing set go through sea-orm.
+        update_same_as_sea_orm(stage_row(1, false), vec![]);
+        update_same_as_sea_orm(<stage::ActiveModel as ActiveModelTrait>::default(), key(1));
     }
 
     #[test]
