@@ -11,9 +11,11 @@ use crate::domain::run::{
 use crate::error::AppError;
 use sea_orm::sea_query::{OnConflict, UpdateStatement};
 use sea_orm::{
-    sea_query::IntoCondition, ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbBackend,
-    EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, QuerySelect, QueryTrait, Set, Statement,
+    sea_query::IntoCondition, ActiveModelTrait, ActiveValue, ColumnTrait, Condition,
+    ConnectionTrait, DbBackend, EntityName, EntityTrait, IdenStatic, IntoActiveModel, Iterable,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Set, Statement,
 };
+use std::fmt::Write as _;
 
 fn json_list(list: &[String]) -> String {
     serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
@@ -416,9 +418,6 @@ impl Deferred {
 /// 41 % fewer instructions this way (callgrind, BENCHMARKS.md). Rows that do not all set the
 /// same columns go through `insert_many`.
 fn insert_rows<A: ActiveModelTrait>(backend: DbBackend, mut rows: Vec<A>) -> Statement {
-    use sea_orm::{EntityName, IdenStatic, Iterable};
-    use std::fmt::Write as _;
-    type Col<A> = <<A as ActiveModelTrait>::Entity as EntityTrait>::Column;
     // The columns a row sets, as bits in the entity's column order (`None` past 64 columns).
     let set = |row: &A| {
         Col::<A>::iter().enumerate().try_fold(0u64, |bits, (i, c)| {
@@ -453,27 +452,38 @@ fn insert_rows<A: ActiveModelTrait>(backend: DbBackend, mut rows: Vec<A>) -> Sta
             if j > 0 {
                 sql.push_str(", ");
             }
-            match backend {
-                DbBackend::Postgres => {
-                    let _ = write!(sql, "${}", values.len() + 1);
-                }
-                _ => sql.push('?'),
-            }
             match row.take(*column) {
-                sea_orm::ActiveValue::Set(v) | sea_orm::ActiveValue::Unchanged(v) => values.push(v),
-                sea_orm::ActiveValue::NotSet => unreachable!("checked: every row sets the column"),
+                ActiveValue::Set(v) | ActiveValue::Unchanged(v) => values.push(v),
+                ActiveValue::NotSet => unreachable!("checked: every row sets the column"),
             }
+            placeholder(backend, &mut sql, values.len());
         }
         sql.push(')');
     }
     Statement::from_sql_and_values(backend, sql, values)
 }
 
+/// The columns of the entity of an active model `A`.
+type Col<A> = <<A as ActiveModelTrait>::Entity as EntityTrait>::Column;
+
 /// A row's key: the columns and values that select it.
-type Key<A> = Vec<(
-    <<A as ActiveModelTrait>::Entity as EntityTrait>::Column,
-    sea_orm::Value,
-)>;
+type Key<A> = Vec<(Col<A>, sea_orm::Value)>;
+
+/// The condition sea-orm writes for `key`: every column equal to its value.
+fn key_condition<C: ColumnTrait>(key: Vec<(C, sea_orm::Value)>) -> Condition {
+    key.into_iter()
+        .fold(Condition::all(), |all, (c, v)| all.add(c.eq(v)))
+}
+
+/// The `n`th value's placeholder (from 1), as sea-query writes it: `$n` on Postgres, `?` on SQLite.
+fn placeholder(backend: DbBackend, sql: &mut String, n: usize) {
+    match backend {
+        DbBackend::Postgres => {
+            let _ = write!(sql, "${n}");
+        }
+        _ => sql.push('?'),
+    }
+}
 
 /// `UPDATE "table" SET "a" = ?, … WHERE "table"."k" = ? AND …`: the columns `row` sets
 /// (`Set`, as sea-orm's `UpdateMany::set` takes them), on the row `key` selects, written here as
@@ -481,41 +491,26 @@ type Key<A> = Vec<(
 /// .filter(…)` builds (a test compares them). An empty key would select every row: that goes
 /// through sea-orm, as does a row that sets nothing.
 fn update_keyed<A: ActiveModelTrait>(backend: DbBackend, mut row: A, key: Key<A>) -> Statement {
-    use sea_orm::{EntityName, IdenStatic, Iterable};
-    use std::fmt::Write as _;
-    let table = A::Entity::default().table_name();
-    let mut sql = String::with_capacity(256);
-    let mut values = Vec::new();
-    let placeholder =
-        |sql: &mut String, values: &mut Vec<sea_orm::Value>, value: sea_orm::Value| {
-            values.push(value);
-            match backend {
-                DbBackend::Postgres => {
-                    let _ = write!(sql, "${}", values.len());
-                }
-                _ => sql.push('?'),
-            }
-        };
-    let which = |key: Key<A>| {
-        key.into_iter()
-            .fold(Condition::all(), |all, (c, v)| all.add(c.eq(v)))
-    };
     if key.is_empty() {
-        return backend.build(&update(row, which(key)));
+        return backend.build(&update(row, key_condition(key)));
     }
-    let _ = write!(sql, "UPDATE \"{table}\" SET ");
-    for column in <A::Entity as EntityTrait>::Column::iter() {
-        if let sea_orm::ActiveValue::Set(v) = row.take(column) {
+    let table = A::Entity::default().table_name();
+    let mut sql = format!("UPDATE \"{table}\" SET ");
+    let mut values = Vec::new();
+    for column in Col::<A>::iter() {
+        if let ActiveValue::Set(v) = row.take(column) {
             if !values.is_empty() {
                 sql.push_str(", ");
             }
             let _ = write!(sql, "\"{}\" = ", column.as_str());
-            placeholder(&mut sql, &mut values, v);
+            values.push(v);
+            placeholder(backend, &mut sql, values.len());
         }
     }
     if values.is_empty() {
         // The row set nothing: sea-orm's statement for it, from a row that sets nothing either.
-        return backend.build(&update(<A as ActiveModelTrait>::default(), which(key)));
+        let nothing = <A as ActiveModelTrait>::default();
+        return backend.build(&update(nothing, key_condition(key)));
     }
     sql.push_str(" WHERE ");
     for (i, (column, value)) in key.into_iter().enumerate() {
@@ -523,7 +518,8 @@ fn update_keyed<A: ActiveModelTrait>(backend: DbBackend, mut row: A, key: Key<A>
             sql.push_str(" AND ");
         }
         let _ = write!(sql, "\"{table}\".\"{}\" = ", column.as_str());
-        placeholder(&mut sql, &mut values, value);
+        values.push(value);
+        placeholder(backend, &mut sql, values.len());
     }
     Statement::from_sql_and_values(backend, sql, values)
 }
@@ -991,9 +987,7 @@ mod tests {
     }
 
     fn update_same_as_sea_orm<A: ActiveModelTrait + Clone>(row: A, key: Key<A>) {
-        let which = key
-            .iter()
-            .fold(Condition::all(), |all, (c, v)| all.add(c.eq(v.clone())));
+        let which = key_condition(key.clone());
         for backend in [DbBackend::Sqlite, DbBackend::Postgres] {
             let ours = update_keyed(backend, row.clone(), key.clone());
             let theirs = backend.build(&update(row.clone(), which.clone()));
@@ -1021,8 +1015,8 @@ mod tests {
         update_same_as_sea_orm(changes, vec![(run::Column::Id, "r-1".into())]);
         // Unchanged values are not written, as sea-orm does not write them.
         let mut partly = stage_row(3, false);
-        partly.key = sea_orm::ActiveValue::Unchanged("stage-3".into());
-        partly.skills = sea_orm::ActiveValue::Unchanged("[]".into());
+        partly.key = ActiveValue::Unchanged("stage-3".into());
+        partly.skills = ActiveValue::Unchanged("[]".into());
         update_same_as_sea_orm(partly, key(3));
         // No key (every row) and nothing set go through sea-orm.
         update_same_as_sea_orm(stage_row(1, false), vec![]);
