@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::domain::profiles::{ProfileSet, ResolveSettings};
 use crate::error::AppError;
 use crate::graphql::build_schema;
+use crate::graphql::documents::ParsedDocuments;
 use crate::graphql::fanout::Renders;
 use crate::http::{router, HttpState, WsSettings};
 use crate::runner::artifacts::ArtifactStore;
@@ -115,6 +116,8 @@ pub struct Application {
     pub renders: Arc<Renders>,
     /// WebSocket connections open right now.
     pub ws_connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// GraphQL documents parsed for HTTP requests, kept by their text.
+    pub documents: Arc<ParsedDocuments>,
 }
 
 impl Application {
@@ -149,6 +152,7 @@ impl Application {
         let schema = build_schema(Some(services.clone()), Some(bus));
         let renders = Arc::new(Renders::default());
         let ws_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let documents = Arc::new(ParsedDocuments::default());
         let state = HttpState {
             schema,
             ws: WsSettings {
@@ -160,6 +164,7 @@ impl Application {
                 max_message_bytes: config.max_body_bytes,
             },
             renders: renders.clone(),
+            documents: documents.clone(),
         };
         let listener = TcpListener::bind(&config.bind)
             .await
@@ -175,6 +180,7 @@ impl Application {
             services,
             renders,
             ws_connections,
+            documents,
         })
     }
 

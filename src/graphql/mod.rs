@@ -1,5 +1,6 @@
 //! The GraphQL schema: roots split by feature and merged.
 
+pub mod documents;
 mod events;
 pub mod fanout;
 mod inputs;

@@ -1,5 +1,6 @@
 //! The axum router: GraphQL over HTTP and WebSocket, GraphiQL, health.
 
+use crate::graphql::documents::ParsedDocuments;
 use crate::graphql::fanout::{Renders, SharedExecutor};
 use crate::graphql::{ActorId, AppSchema};
 use async_graphql::http::WebSocketProtocols;
@@ -23,6 +24,8 @@ pub struct HttpState {
     pub ws: WsSettings,
     /// Subscription renderings shared by every WebSocket connection.
     pub renders: Arc<Renders>,
+    /// Documents parsed for earlier HTTP requests, by their text.
+    pub documents: Arc<ParsedDocuments>,
 }
 
 pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
@@ -55,7 +58,10 @@ async fn graphql(
     headers: HeaderMap,
     req: GraphQLRequest,
 ) -> GraphQLResponse {
-    let req = req.into_inner().data(actor_from(&headers));
+    let req = state
+        .documents
+        .prepare(req.into_inner())
+        .data(actor_from(&headers));
     state.schema.execute(req).await.into()
 }
 

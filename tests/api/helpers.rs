@@ -130,6 +130,8 @@ pub struct TestApp {
     pub renders: Option<Arc<Renders>>,
     /// The server's count of open WebSocket connections (`None` on an attached handle).
     pub ws_connections: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    /// The server's parsed GraphQL documents (`None` on an attached handle).
+    pub documents: Option<Arc<vm_workflow::graphql::documents::ParsedDocuments>>,
     pub data_dir: PathBuf,
     pub database_url: String,
     _tmp: Option<tempfile::TempDir>,
@@ -186,6 +188,7 @@ impl TestApp {
         let services = app.services.clone();
         let renders = app.renders.clone();
         let ws_connections = app.ws_connections.clone();
+        let documents = app.documents.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             app.run_until(async {
@@ -200,6 +203,7 @@ impl TestApp {
             services,
             renders: Some(renders),
             ws_connections: Some(ws_connections),
+            documents: Some(documents),
             data_dir,
             database_url,
             _tmp: tmp,
@@ -216,6 +220,7 @@ impl TestApp {
             services,
             renders: None,
             ws_connections: None,
+            documents: None,
             data_dir: PathBuf::new(),
             database_url: String::new(),
             _tmp: None,

@@ -75,4 +75,79 @@ fragment FullType on __Type { kind name description fields(includeDeprecated: tr
 fragment InputValue on __InputValue { name description type { ...TypeRef } defaultValue }
 fragment TypeRef on __Type { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name } } } } } } } } }";
 
-crate::both_backends!(health_and_graphiql, limits_protect_the_server);
+/// POST a document with an operation name.
+async fn named(app: &TestApp, query: &str, operation: &str) -> Value {
+    app.client
+        .post(format!("{}/graphql", app.url))
+        .json(&json!({ "query": query, "operationName": operation }))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json body")
+}
+
+/// A text parsed once is not parsed again: later requests with it get a copy of its document,
+/// and still get their own variables and operation, and the depth limit and validation.
+async fn documents_are_parsed_once_per_text(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let docs = app.documents.clone().expect("a spawned app");
+    let hits = || docs.hits();
+    let before = hits();
+
+    // One text, two operations: each request runs the one it names.
+    let two = "query A { health { status } } query B { health { database } }";
+    let a = named(&app, two, "A").await;
+    assert_eq!(a, json!({"data": {"health": {"status": "ok"}}}), "{a}");
+    let b = named(&app, two, "B").await;
+    assert!(b["data"]["health"]["database"].is_string(), "{b}");
+    assert!(b["data"]["health"].get("status").is_none(), "{b}");
+    assert_eq!(hits() - before, 1, "the second request reused the document");
+
+    // Variables are the request's own.
+    let create = "mutation($n:String!) { createBrand(input:{name:$n}) { brand { name } } }";
+    for name in ["First", "Second", "Third"] {
+        let d = app.data(create, json!({ "n": name })).await;
+        assert_eq!(d["createBrand"]["brand"]["name"], name);
+    }
+    assert_eq!(hits() - before, 3);
+
+    // A text that does not parse is not kept: the same syntax error each time.
+    let broken = "{ health { status ";
+    let first = app.gql(broken, json!({})).await;
+    let again = app.gql(broken, json!({})).await;
+    assert!(first["errors"][0]["message"].is_string(), "{first}");
+    assert_eq!(first, again);
+    assert_eq!(hits() - before, 3);
+
+    // A kept document is still checked: validation and the depth limit apply every time.
+    let unknown = "{ health { nope } }";
+    for _ in 0..2 {
+        let body = app.gql(unknown, json!({})).await;
+        assert!(
+            body["errors"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("nope")),
+            "{body}"
+        );
+        assert!(body.get("data").is_none_or(Value::is_null), "{body}");
+    }
+    let deep = "{ brands { edges { node { projects { edges { node { threads { edges { node { project { brand { projects { edges { node { threads { edges { node { brand { name } } } } } } } } } } } } } } } } } } }";
+    for _ in 0..2 {
+        let body = app.gql(deep, json!({})).await;
+        assert!(
+            body["errors"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("nested too deep")),
+            "{body}"
+        );
+    }
+    assert_eq!(hits() - before, 5);
+}
+
+crate::both_backends!(
+    health_and_graphiql,
+    limits_protect_the_server,
+    documents_are_parsed_once_per_text
+);
