@@ -298,6 +298,9 @@ fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
+                // Savepoint journals (every writer's turn has one) stay in memory instead of
+                // spilling to a temporary file past 64 KiB.
+                .pragma("temp_store", "memory")
                 // Checkpoints are taken by a task of the store's, not inside a commit (see
                 // `checkpoint`).
                 .pragma("wal_autocheckpoint", "0")
@@ -485,8 +488,8 @@ pub struct Store {
     committed: Arc<Notify>,
     feed: Arc<CommittedFeed>,
     stats: Arc<WriteStats>,
-    /// SQLite: what the library was built with (read once, at connect).
-    sqlite_build: Option<SqliteBuild>,
+    /// See [`Store::planner_is_stable`] (read once, at connect).
+    planner_stable: bool,
     /// SQLite: pages the WAL may hold before the checkpoint task makes it start over.
     wal_limit: Arc<AtomicU64>,
     /// SQLite: stops the checkpoint task when set, or when the store is dropped.
@@ -516,24 +519,12 @@ impl Store {
         } else {
             db.clone()
         };
-        let sqlite = if backend == DbBackend::Sqlite {
-            Some(sqlite_build(&db).await)
-        } else {
-            None
-        };
-        if sqlite.is_some_and(|b| !b.planner_stable) {
+        let planner_stable = backend != DbBackend::Sqlite || planner_is_stable(&db).await;
+        if !planner_stable {
             tracing::warn!(
                 "SQLite was built without SQLITE_ENABLE_QPSG (build from the repository, where \
                  .cargo/config.toml sets it): statements with a bound LIMIT are planned again \
                  at every execution, which costs throughput"
-            );
-        }
-        if sqlite.is_some_and(|b| b.journal_spill < STATEMENT_JOURNAL_SPILL) {
-            tracing::warn!(
-                "SQLite was built with a savepoint journal of less than {STATEMENT_JOURNAL_SPILL} \
-                 bytes in memory (build from the repository, where .cargo/config.toml sets \
-                 SQLITE_STMTJRNL_SPILL): writers' journals are allocated in small blocks or \
-                 spill to temporary files, which costs throughput"
             );
         }
         let committed = Arc::new(Notify::new());
@@ -582,7 +573,7 @@ impl Store {
             committed,
             feed,
             stats,
-            sqlite_build: sqlite,
+            planner_stable,
             wal_limit,
             stop_checkpoints,
             checkpoint_task: std::sync::Mutex::new(checkpoint_task),
@@ -599,13 +590,7 @@ impl Store {
     /// On SQLite, whether the library was built with `SQLITE_ENABLE_QPSG` (statements with a
     /// bound `LIMIT` planned once, not at every execution); always true on Postgres.
     pub fn planner_is_stable(&self) -> bool {
-        self.sqlite_build.is_none_or(|b| b.planner_stable)
-    }
-
-    /// On SQLite, the bytes of a savepoint's journal the library keeps in memory, in one block
-    /// (`SQLITE_STMTJRNL_SPILL`; see [`STATEMENT_JOURNAL_SPILL`]); `None` on Postgres.
-    pub fn statement_journal_spill(&self) -> Option<u64> {
-        self.sqlite_build.map(|b| b.journal_spill)
+        self.planner_stable
     }
 
     pub fn backend(&self) -> DbBackend {
@@ -803,22 +788,9 @@ impl Store {
     }
 }
 
-/// What the SQLite library was built with, where the write path depends on it (see
+/// Whether the SQLite library was built with the query planner stability guarantee (see
 /// `.cargo/config.toml`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct SqliteBuild {
-    /// `SQLITE_ENABLE_QPSG`: statements with a bound `LIMIT` planned once.
-    planner_stable: bool,
-    /// `SQLITE_STMTJRNL_SPILL`: bytes of a savepoint's journal kept in memory, in one block.
-    journal_spill: u64,
-}
-
-/// The savepoint journal size the write path is tuned for: every writer's turn is a savepoint,
-/// and SQLite copies each page a writer changes into its journal. Below this, it is one
-/// allocation per writer instead of one per KiB (the size is also the journal's block size).
-pub const STATEMENT_JOURNAL_SPILL: u64 = 1 << 20;
-
-async fn sqlite_build(db: &DatabaseConnection) -> SqliteBuild {
+async fn planner_is_stable(db: &DatabaseConnection) -> bool {
     let Ok(rows) = db
         .query_all_raw(Statement::from_string(
             DbBackend::Sqlite,
@@ -826,20 +798,12 @@ async fn sqlite_build(db: &DatabaseConnection) -> SqliteBuild {
         ))
         .await
     else {
-        return SqliteBuild::default();
+        return false;
     };
-    let mut build = SqliteBuild::default();
-    for option in rows
-        .iter()
-        .filter_map(|r| r.try_get_by_index::<String>(0).ok())
-    {
-        if option == "ENABLE_QPSG" {
-            build.planner_stable = true;
-        } else if let Some(bytes) = option.strip_prefix("STMTJRNL_SPILL=") {
-            build.journal_spill = bytes.parse().unwrap_or(0);
-        }
-    }
-    build
+    rows.iter().any(|r| {
+        r.try_get_by_index::<String>(0)
+            .is_ok_and(|o| o == "ENABLE_QPSG")
+    })
 }
 
 /// One writer's turn: a savepoint in the write batch, holding the batch lock until it commits

@@ -382,6 +382,43 @@ mod tests {
     use super::*;
     use crate::domain::profiles::{ProfileSet, ResolveSettings, SkillOverrides};
 
+    /// One write turn whose savepoint journal holds megabytes (500 runs in one transaction, as
+    /// `seed-history` writes them) commits. With SQLite built with `SQLITE_STMTJRNL_SPILL=1048576`
+    /// and `temp_store` at its default (17e12ce, reverted), a journal past the spill size moved
+    /// to a temporary file and the write failed with `SQLITE_FULL` ("database or disk is
+    /// full"); the store keeps `temp_store = memory`.
+    #[tokio::test]
+    async fn a_turn_with_a_large_savepoint_journal_commits() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = crate::store::test_store(dir.path()).await;
+        let profiles =
+            ProfileSet::parse(crate::startup::SHIPPED_PROFILES, "shipped").expect("profiles");
+        let settings = ResolveSettings {
+            force_foundation_fallback: true,
+            foundation_mode: "foundation_stack".into(),
+        };
+        let plan = profiles
+            .resolve(&settings, "content_calendar", &SkillOverrides::default())
+            .expect("plan");
+        let services = crate::service::Services::new(
+            std::sync::Arc::new(store),
+            std::sync::Arc::new(profiles),
+            settings,
+            crate::runner::artifacts::ArtifactStore::new(dir.path()),
+        );
+        let threads = create_workspace(&services, 2).await.expect("workspace");
+        let store = &services.store;
+        // Twice: the second transaction changes pages the first one wrote, so they are journaled.
+        for _ in 0..2 {
+            let report = store
+                .seed_completed_runs(&plan, &threads, 14_000, 500, |_| {})
+                .await
+                .expect("a large turn commits");
+            assert!(report.events >= 14_000, "{report:?}");
+        }
+        assert!(store.head_sequence().await.expect("head") >= 28_000);
+    }
+
     #[tokio::test]
     async fn seeded_history_equals_its_replay() {
         let dir = tempfile::tempdir().expect("tmp");

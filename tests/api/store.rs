@@ -923,24 +923,16 @@ async fn postgres_a_stale_run_copy_on_another_instance_misleads_nothing() {
     drop(b);
 }
 
-/// Every writer's turn is a savepoint, and SQLite journals each page a savepoint changes. The
-/// journal is kept in memory in one block of `SQLITE_STMTJRNL_SPILL` bytes (`.cargo/config.toml`)
-/// and spills to a temporary file only past it. `temp_store = memory` would keep it in memory
-/// too, but in blocks of 1 KiB: a dozen allocations per page, 15 % of SQLite's instructions per
-/// run (BENCHMARKS.md); so temp_store is left at the build's default.
+/// Every writer's turn is a savepoint, and SQLite journals each page a savepoint changes: kept in
+/// memory, not spilled to a temporary file (`temp_store = memory`).
 #[tokio::test]
-async fn sqlite_keeps_savepoint_journals_in_one_block() {
+async fn sqlite_keeps_savepoint_journals_in_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
     let store = Store::connect(&url, 1).await.expect("sqlite");
-    assert_eq!(
-        store.statement_journal_spill(),
-        Some(vm_workflow::store::STATEMENT_JOURNAL_SPILL),
-        "built without SQLITE_STMTJRNL_SPILL"
-    );
-    // 0 = the build's default (a file, past the spill size); 2 = MEMORY, in 1 KiB blocks.
+    // 2 = MEMORY (0 = the build's default, a file).
     let setting = store.sqlite_pragma("temp_store").await.expect("pragma");
-    assert_eq!(setting.as_deref(), Some("0"));
+    assert_eq!(setting.as_deref(), Some("2"));
 }
 
 /// The bundled SQLite is built with the query planner stability guarantee
