@@ -944,4 +944,7 @@ async fn sqlite_is_built_with_a_stable_query_planner() {
     let url = format!("sqlite://{}", dir.path().join("q.db").display());
     let store = Store::connect(&url, 1).await.expect("sqlite");
     assert!(store.planner_is_stable(), "built without ENABLE_QPSG");
+    // And, in this process as in the server's, SQLite allocates through mimalloc: the store
+    // installed it before SQLite's first connection.
+    assert!(vm_workflow::store::sqlite_memory::installed());
 }
