@@ -1498,6 +1498,62 @@ mod tests {
         assert_eq!(committed_probe_rows(&store).await, ["committed"]);
     }
 
+    /// A writer's multi-row insert that fails on a later row leaves none of its rows, and the
+    /// batch goes on: the writer's savepoint is rolled back whole.
+    #[tokio::test]
+    async fn a_failed_insert_leaves_none_of_its_rows() {
+        use crate::domain::events::{Actor, DomainEvent, EventMeta};
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = probe_store(dir.path()).await;
+        // Version 3 of stream `u`, written by hand: an append of versions 1-3 fails on its
+        // third row, after the first two.
+        let w = store.write().await.expect("writer");
+        w.conn()
+            .await
+            .expect("conn")
+            .execute_unprepared(
+                "INSERT INTO events (sequence, event_id, stream_id, stream_version, event_type, \
+                 actor_type, actor_id, occurred_at, payload) VALUES (1000, 'evt-by-hand', 'u', \
+                 3, 'BrandCreated', 'user', 'ana', '2026-01-01T00:00:00Z', '{}')",
+            )
+            .await
+            .expect("by hand");
+        w.commit().await.expect("commit");
+        let mut w = store.write().await.expect("writer");
+        let brand = |n: i32| event_log::NewEvent {
+            body: DomainEvent::BrandCreated {
+                brand_id: format!("b-{n}"),
+                name: format!("B{n}"),
+            },
+            thread_id: None,
+            run_id: None,
+        };
+        let meta = EventMeta {
+            actor: Actor::user("ana"),
+            correlation_id: None,
+            causation_id: None,
+        };
+        w.append("u", 0, &meta, (1..=3).map(brand).collect())
+            .await
+            .expect("deferred");
+        let failed = w.commit().await;
+        assert!(matches!(failed, Err(AppError::Conflict(_))), "{failed:?}");
+        probe_write(&store, "after", true).await;
+        let versions: Vec<i64> = store
+            .conn()
+            .query_all_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                "SELECT stream_version FROM events WHERE stream_id = 'u' ORDER BY stream_version",
+            ))
+            .await
+            .expect("read")
+            .iter()
+            .map(|r| r.try_get_by_index::<i64>(0).expect("version"))
+            .collect();
+        assert_eq!(versions, [3]);
+        assert_eq!(committed_probe_rows(&store).await, ["after"]);
+    }
+
     /// A write through the store's writer: a row in `probe`, then a commit or a drop.
     async fn probe_write(store: &Store, x: &str, commit: bool) {
         let w = store.write().await.expect("writer");
