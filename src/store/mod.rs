@@ -1507,18 +1507,14 @@ mod tests {
         let store = probe_store(dir.path()).await;
         // Version 3 of stream `u`, written by hand: an append of versions 1-3 fails on its
         // third row, after the first two.
-        let w = store.write().await.expect("writer");
-        w.conn()
-            .await
-            .expect("conn")
-            .execute_unprepared(
-                "INSERT INTO events (sequence, event_id, stream_id, stream_version, event_type, \
-                 actor_type, actor_id, occurred_at, payload) VALUES (1000, 'evt-by-hand', 'u', \
-                 3, 'BrandCreated', 'user', 'ana', '2026-01-01T00:00:00Z', '{}')",
-            )
-            .await
-            .expect("by hand");
-        w.commit().await.expect("commit");
+        write_by_hand(
+            &store,
+            "INSERT INTO events (sequence, event_id, stream_id, stream_version, event_type, \
+             actor_type, actor_id, occurred_at, payload) VALUES (1000, 'evt-by-hand', 'u', 3, \
+             'BrandCreated', 'user', 'ana', '2026-01-01T00:00:00Z', '{}')",
+            true,
+        )
+        .await;
         let mut w = store.write().await.expect("writer");
         let brand = |n: i32| event_log::NewEvent {
             body: DomainEvent::BrandCreated {
@@ -1556,13 +1552,18 @@ mod tests {
 
     /// A write through the store's writer: a row in `probe`, then a commit or a drop.
     async fn probe_write(store: &Store, x: &str, commit: bool) {
+        write_by_hand(store, &format!("INSERT INTO probe VALUES ('{x}')"), commit).await;
+    }
+
+    /// A write turn of `sql`, run on the writer's transaction, then a commit or a drop.
+    async fn write_by_hand(store: &Store, sql: &str, commit: bool) {
         let w = store.write().await.expect("writer");
         w.conn()
             .await
             .expect("conn")
-            .execute_unprepared(&format!("INSERT INTO probe VALUES ('{x}')"))
+            .execute_unprepared(sql)
             .await
-            .expect("insert");
+            .expect("write by hand");
         if commit {
             w.commit().await.expect("commit");
         }

@@ -382,15 +382,10 @@ mod tests {
     use super::*;
     use crate::domain::profiles::{ProfileSet, ResolveSettings, SkillOverrides};
 
-    /// One write turn whose savepoint journal holds megabytes (500 runs in one transaction, as
-    /// `seed-history` writes them) commits. With SQLite built with `SQLITE_STMTJRNL_SPILL=1048576`
-    /// and `temp_store` at its default (17e12ce, reverted), a journal past the spill size moved
-    /// to a temporary file and the write failed with `SQLITE_FULL` ("database or disk is
-    /// full"); the store keeps `temp_store = memory`.
-    #[tokio::test]
-    async fn a_turn_with_a_large_savepoint_journal_commits() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let store = crate::store::test_store(dir.path()).await;
+    /// Services on a fresh SQLite store in `dir`, and the plan seeded runs follow (the
+    /// Foundation fallback of `content_calendar`).
+    async fn seeding(dir: &std::path::Path) -> (crate::service::Services, PlanSnapshot) {
+        let store = crate::store::test_store(dir).await;
         let profiles =
             ProfileSet::parse(crate::startup::SHIPPED_PROFILES, "shipped").expect("profiles");
         let settings = ResolveSettings {
@@ -404,8 +399,20 @@ mod tests {
             std::sync::Arc::new(store),
             std::sync::Arc::new(profiles),
             settings,
-            crate::runner::artifacts::ArtifactStore::new(dir.path()),
+            crate::runner::artifacts::ArtifactStore::new(dir),
         );
+        (services, plan)
+    }
+
+    /// One write turn whose savepoint journal holds megabytes (500 runs in one transaction, as
+    /// `seed-history` writes them) commits. With SQLite built with `SQLITE_STMTJRNL_SPILL=1048576`
+    /// and `temp_store` at its default (17e12ce, reverted), a journal past the spill size moved
+    /// to a temporary file and the write failed with `SQLITE_FULL` ("database or disk is
+    /// full"); the store keeps `temp_store = memory`.
+    #[tokio::test]
+    async fn a_turn_with_a_large_savepoint_journal_commits() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (services, plan) = seeding(dir.path()).await;
         let threads = create_workspace(&services, 2).await.expect("workspace");
         let store = &services.store;
         // Twice: the second transaction changes pages the first one wrote, so they are journaled.
@@ -422,28 +429,7 @@ mod tests {
     #[tokio::test]
     async fn seeded_history_equals_its_replay() {
         let dir = tempfile::tempdir().expect("tmp");
-        let store = crate::store::test_store(dir.path()).await;
-        let profiles =
-            ProfileSet::parse(crate::startup::SHIPPED_PROFILES, "shipped").expect("profiles");
-        let plan = profiles
-            .resolve(
-                &ResolveSettings {
-                    force_foundation_fallback: true,
-                    foundation_mode: "foundation_stack".into(),
-                },
-                "content_calendar",
-                &SkillOverrides::default(),
-            )
-            .expect("plan");
-        let services = crate::service::Services::new(
-            std::sync::Arc::new(store),
-            std::sync::Arc::new(profiles),
-            ResolveSettings {
-                force_foundation_fallback: true,
-                foundation_mode: "foundation_stack".into(),
-            },
-            crate::runner::artifacts::ArtifactStore::new(dir.path()),
-        );
+        let (services, plan) = seeding(dir.path()).await;
         let threads = create_workspace(&services, 3).await.expect("workspace");
         let report = services
             .store

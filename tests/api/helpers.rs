@@ -251,10 +251,16 @@ impl TestApp {
 
     /// POST a GraphQL request and return the whole response body.
     pub async fn gql(&self, query: &str, variables: Value) -> Value {
+        self.post_body(&json!({ "query": query, "variables": variables }))
+            .await
+    }
+
+    /// POST a GraphQL request body as given (an operation name, say) and return the response.
+    pub async fn post_body(&self, body: &Value) -> Value {
         self.client
             .post(format!("{}/graphql", self.url))
             .header("x-actor-id", "ana")
-            .json(&json!({ "query": query, "variables": variables }))
+            .json(body)
             .send()
             .await
             .expect("request")

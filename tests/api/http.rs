@@ -77,15 +77,8 @@ fragment TypeRef on __Type { kind name ofType { kind name ofType { kind name ofT
 
 /// POST a document with an operation name.
 async fn named(app: &TestApp, query: &str, operation: &str) -> Value {
-    app.client
-        .post(format!("{}/graphql", app.url))
-        .json(&json!({ "query": query, "operationName": operation }))
-        .send()
+    app.post_body(&json!({ "query": query, "operationName": operation }))
         .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json body")
 }
 
 /// A text parsed once is not parsed again: later requests with it get a copy of its document,
