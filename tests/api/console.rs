@@ -247,6 +247,13 @@ async fn drive(app: &TestApp, b: &Browser) -> Result<()> {
         .exec("return window.__sameDocument === true", json!([]))
         .await?;
     ensure!(same == json!(true), "the page was reloaded");
+    // The console refreshes the run after each approval, so the run can complete before the
+    // reconnect's backoff (400–600 ms) has passed: wait for the connection, then read its log.
+    b.wait_js(
+        "the subscription connection to be up again",
+        "return document.querySelector('#conn-status').dataset.state === 'connected'",
+    )
+    .await?;
     let log = b
         .exec("return window.vmConsole.connectionLog", json!([]))
         .await?;
@@ -256,11 +263,6 @@ async fn drive(app: &TestApp, b: &Browser) -> Result<()> {
             && log.last().map(String::as_str) == Some("connected"),
         "connection states: {log:?}"
     );
-    b.wait_js(
-        "the subscription connection to be up again",
-        "return document.querySelector('#conn-status').dataset.state === 'connected'",
-    )
-    .await?;
 
     // Every stage completed once, every gate granted by the console.
     for key in ["research", "brand-voice", "positioning", "keywords"] {
