@@ -74,7 +74,7 @@ impl Services {
         if events.is_empty() {
             return Ok(state);
         }
-        let stream = format!("run:{}", state.run.id);
+        let stream = crate::store::event_log::run_stream(&state.run.id);
         let version = state.run.version;
         let new = run_events(&state, events);
         let (_, after) = w
@@ -148,7 +148,7 @@ impl Services {
         };
         let (_, state) = w
             .append_and_project(
-                &format!("run:{run_id}"),
+                &crate::store::event_log::run_stream(&run_id),
                 0,
                 &caller.meta(),
                 vec![event],

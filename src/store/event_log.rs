@@ -87,6 +87,11 @@ fn to_stored(m: event::Model) -> Result<StoredEvent, AppError> {
     })
 }
 
+/// The stream a run's events are appended to: every event with a run is in it.
+pub fn run_stream(run_id: &str) -> String {
+    format!("run:{run_id}")
+}
+
 /// Events with `sequence > after`, in sequence order, at most `limit`.
 pub async fn read_after(
     conn: &impl ConnectionTrait,
@@ -96,7 +101,10 @@ pub async fn read_after(
 ) -> Result<Vec<StoredEvent>, AppError> {
     let mut q = event::Entity::find().filter(event::Column::Sequence.gt(after));
     if let Some(run) = &filter.run_id {
-        q = q.filter(event::Column::RunId.eq(run.clone()));
+        // A run's events are its stream's (`run_stream`), found by `ux_events_stream_version`.
+        q = q
+            .filter(event::Column::StreamId.eq(run_stream(run)))
+            .filter(event::Column::RunId.eq(run.clone()));
     }
     if let Some(thread) = &filter.thread_id {
         q = q.filter(event::Column::ThreadId.eq(thread.clone()));

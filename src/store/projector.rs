@@ -1,7 +1,7 @@
 //! Read models are projections of the log, updated in the same transaction as the append.
 
 use super::entities::{
-    approval, artifact, brand, event, project, run, run_queue, stage, task, thread, timeline_item,
+    approval, artifact, brand, event, project, run, run_queue, stage, task, thread,
 };
 use super::WriteTx;
 use crate::domain::events::{DomainEvent, StoredEvent};
@@ -249,13 +249,13 @@ fn update<A: ActiveModelTrait>(row: A, which: impl IntoCondition) -> UpdateState
 
 /// Read-model writes of a writer's appends, built when the writer next sends anything (see
 /// `WriteTx::defer`): a turn that appends to a run several times (a stage completed, then the
-/// next gate reached) writes its events and timeline items in one insert each, and each of the
-/// run's rows once, as the last append left it. Built in this order, which the foreign keys
-/// need: events, timeline items, threads touched, run rows, artifacts.
+/// next gate reached) writes its events in one insert, and each of the run's rows once, as the
+/// last append left it. Built in this order, which the foreign keys need: events, threads
+/// touched, run rows, artifacts. (A thread's timeline is a view over the events: nothing to
+/// write.)
 #[derive(Default)]
 pub struct Deferred {
     events: Vec<event::ActiveModel>,
-    timeline: Vec<timeline_item::ActiveModel>,
     /// Threads a run was queued on: (thread id, the queueing's time), its last activity.
     touched: Vec<(String, String)>,
     runs: Vec<RunChange>,
@@ -289,7 +289,6 @@ struct StageArtifacts {
 impl Deferred {
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
-            && self.timeline.is_empty()
             && self.touched.is_empty()
             && self.runs.is_empty()
             && self.artifacts.is_empty()
@@ -297,10 +296,6 @@ impl Deferred {
 
     pub(super) fn events(&mut self, rows: Vec<event::ActiveModel>) {
         self.events.extend(rows);
-    }
-
-    fn timeline(&mut self, rows: Vec<timeline_item::ActiveModel>) {
-        self.timeline.extend(rows);
     }
 
     /// The thread's last activity is `at` (later than any deferred before it): one update
@@ -357,10 +352,6 @@ impl Deferred {
         let events = std::mem::take(&mut self.events);
         if !events.is_empty() {
             out.push(insert_rows(backend, events));
-        }
-        let timeline = std::mem::take(&mut self.timeline);
-        if !timeline.is_empty() {
-            out.push(insert_rows(backend, timeline));
         }
         for (thread_id, at) in std::mem::take(&mut self.touched) {
             out.push(
@@ -805,7 +796,6 @@ pub async fn project(
     // The work queue follows the run status, event by event (however the events are grouped,
     // live or in a rebuild): runnable runs have a row, ready since they last became runnable.
     let mut queue = None;
-    let mut timeline = Vec::new();
     let mut touched = Vec::new();
     let mut completed = Vec::new();
     for ev in events {
@@ -866,24 +856,11 @@ pub async fn project(
                 }
             }
         }
-        if let Some(thread_id) = &ev.thread_id {
-            timeline.push(timeline_item::ActiveModel {
-                sequence: Set(ev.sequence),
-                thread_id: Set(thread_id.clone()),
-                event_id: Set(ev.event_id.clone()),
-                event_type: Set(ev.body.event_type().to_string()),
-                actor_type: Set(ev.actor.kind.clone()),
-                actor_id: Set(ev.actor.id.clone()),
-                run_id: Set(ev.run_id.clone()),
-                occurred_at: Set(ev.occurred_at.clone()),
-            });
-        }
     }
     // Written when the writer next sends anything, merged with its next appends' (see
     // `Deferred`). Artifacts go after the run's rows: the run may be new in this batch (a
     // replay groups a run's consecutive events), and artifacts reference it.
     w.defer(|d| {
-        d.timeline(timeline);
         for (thread_id, at) in touched {
             d.touch(thread_id, at);
         }

@@ -12,14 +12,13 @@ use std::collections::BTreeMap;
 const BATCH: u64 = 2_000;
 
 async fn clear(conn: &impl ConnectionTrait) -> Result<(), AppError> {
-    // Children before parents (foreign keys).
+    // Children before parents (foreign keys). The timeline is a view over the log.
     run_queue::Entity::delete_many().exec(conn).await?;
     artifact::Entity::delete_many().exec(conn).await?;
     task::Entity::delete_many().exec(conn).await?;
     approval::Entity::delete_many().exec(conn).await?;
     stage::Entity::delete_many().exec(conn).await?;
     run::Entity::delete_many().exec(conn).await?;
-    timeline_item::Entity::delete_many().exec(conn).await?;
     thread::Entity::delete_many().exec(conn).await?;
     project::Entity::delete_many().exec(conn).await?;
     brand::Entity::delete_many().exec(conn).await?;

@@ -9,7 +9,7 @@
 //! state (what projecting its events one command at a time ends with; the unit test below checks
 //! that `rebuild-projections` reproduces them exactly). Artifact files are not written to disk.
 
-use super::entities::{artifact, thread, timeline_item};
+use super::entities::{artifact, thread};
 use super::projector::{approval_to_model, run_to_model, stage_to_model, task_to_model};
 use super::{event_log, Store, ThreadRow};
 use crate::domain::events::{Actor, ArtifactMeta, DomainEvent, StoredEvent};
@@ -61,7 +61,7 @@ impl Sim<'_> {
             let ev = StoredEvent {
                 sequence: self.next_sequence,
                 event_id: ids::generate("evt-"),
-                stream_id: format!("run:{}", h.state.run.id),
+                stream_id: event_log::run_stream(&h.state.run.id),
                 stream_version: base_version + 1 + i as i64,
                 actor: actor.clone(),
                 thread_id: Some(self.thread.id.clone()),
@@ -98,7 +98,7 @@ impl Sim<'_> {
         let queued = StoredEvent {
             sequence: self.next_sequence,
             event_id: ids::generate("evt-"),
-            stream_id: format!("run:{run_id}"),
+            stream_id: event_log::run_stream(&run_id),
             stream_version: 1,
             actor: user.clone(),
             thread_id: Some(self.thread.id.clone()),
@@ -243,7 +243,6 @@ async fn write_histories(
     histories: Vec<RunHistory>,
 ) -> Result<(), AppError> {
     let mut events = Vec::new();
-    let mut timeline = Vec::new();
     let mut runs = Vec::new();
     let mut stages = Vec::new();
     let mut approvals = Vec::new();
@@ -254,18 +253,6 @@ async fn write_histories(
         for ev in &h.events {
             let (event_type, payload) = ev.body.to_parts()?;
             events.push(event_log::event_model(ev, event_type, &payload));
-            if let Some(thread_id) = &ev.thread_id {
-                timeline.push(timeline_item::ActiveModel {
-                    sequence: Set(ev.sequence),
-                    thread_id: Set(thread_id.clone()),
-                    event_id: Set(ev.event_id.clone()),
-                    event_type: Set(event_type.to_string()),
-                    actor_type: Set(ev.actor.kind.clone()),
-                    actor_id: Set(ev.actor.id.clone()),
-                    run_id: Set(ev.run_id.clone()),
-                    occurred_at: Set(ev.occurred_at.clone()),
-                });
-            }
         }
         // The projector touches the thread when a run is queued.
         last_activity.insert(
@@ -306,7 +293,6 @@ async fn write_histories(
         );
     }
     insert_chunked(conn, events).await?;
-    insert_chunked(conn, timeline).await?;
     insert_chunked(conn, runs).await?;
     insert_chunked(conn, stages).await?;
     insert_chunked(conn, approvals).await?;

@@ -417,8 +417,8 @@ async fn run_commands_decide_on_the_cached_copy(backend: Backend) {
     let used = sends(&store) - before;
     if store.is_postgres() {
         // The write lock and SAVEPOINT; the log's head (read in every batch: other instances
-        // append too); the event, its timeline item, the run, stage, approval, task and queue
-        // rows, the notification and RELEASE together. No read of the run.
+        // append too); the event, the run, stage, approval, task and queue rows, the
+        // notification and RELEASE together (the timeline is a view over the events). No read of the run.
         assert_eq!(used, 3);
     } else {
         // The writes and RELEASE together (the savepoint is opened by the same send).
@@ -447,7 +447,7 @@ async fn run_commands_decide_on_the_cached_copy(backend: Backend) {
 }
 
 /// A turn that appends to a run several times writes the run's rows once, as its last append
-/// left them, and its events and timeline items in one insert each: completing the first stage
+/// left them, and its events in one insert: completing the first stage
 /// and reaching the next gate is two appends in one turn. What the turn leaves is what
 /// replaying the log gives.
 async fn a_turns_appends_write_a_runs_rows_once(backend: Backend) {
@@ -479,12 +479,12 @@ async fn a_turns_appends_write_a_runs_rows_once(backend: Backend) {
             "ApprovalRequested"
         ]
     );
-    // SAVEPOINT; the four events in one insert; their timeline items in one; the run; research
-    // and brand-voice; the gate's approval and task; the queue row gone; RELEASE. Research's
-    // first attempt has no earlier artifacts to delete, and made none to insert. Postgres adds
-    // the write lock, the log's head and the notification. Projected append by append, the
-    // events, timeline items and the run would be written twice each (13 on SQLite).
-    let expected = if store.is_postgres() { 13 } else { 10 };
+    // SAVEPOINT; the four events in one insert; the run; research and brand-voice; the gate's
+    // approval and task; the queue row gone; RELEASE. Research's first attempt has no earlier
+    // artifacts to delete, and made none to insert; the timeline is a view over the events.
+    // Postgres adds the write lock, the log's head and the notification. Projected append by
+    // append, the events and the run would be written twice each (11 on SQLite).
+    let expected = if store.is_postgres() { 12 } else { 9 };
     assert_eq!(used, expected);
 
     let live = store.dump_read_models().await.expect("dump");
@@ -534,13 +534,13 @@ async fn a_hand_off_leases_the_row_its_turn_writes(backend: Backend) {
             .expect("renew"),
         "the lease is the waiting worker's"
     );
-    // SAVEPOINT; the three events in one insert; their timeline items in one; the thread's
-    // last activity; the run; its stages in one insert; its queue row, leased; RELEASE. Postgres
+    // SAVEPOINT; the three events in one insert; the thread's last activity; the run; its
+    // stages in one insert; its queue row, leased; RELEASE (the timeline is a view). Postgres
     // adds the write lock, the log's head and the notification. Before, 13 on SQLite: the lease
     // an update of its own, sent after the first append's rows (so the events, the run and the
     // stage written twice), and the thread's update sent between the two appends (so the
     // events in two inserts).
-    let expected = if store.is_postgres() { 11 } else { 8 };
+    let expected = if store.is_postgres() { 10 } else { 7 };
     assert_eq!(used, expected);
 
     let live = store.dump_read_models().await.expect("dump");
