@@ -579,9 +579,9 @@ fn run_rows(
         )
         .into_query()),
         Some(b) if b.run != after.run => {
-            // Only what events change (the plan and the ids are fixed when the run is queued),
-            // and of that only what changed: `status` is indexed (see `child_rows`).
-            let changes = |r: &crate::domain::run::Run| run::ActiveModel {
+            // Only what events change: the plan and the ids are fixed when the run is queued.
+            let r = &after.run;
+            let changes = run::ActiveModel {
                 status: Set(r.status.as_str().into()),
                 current_stage: Set(r.current_stage.clone()),
                 version: Set(r.version),
@@ -591,13 +591,11 @@ fn run_rows(
                 finished_at: Set(r.finished_at.clone()),
                 ..Default::default()
             };
-            if let Some(changed) = changed_columns(&changes(&b.run), changes(&after.run)) {
-                statements.push(update_keyed(
-                    backend,
-                    changed,
-                    vec![(run::Column::Id, after.run.id.clone().into())],
-                ))
-            }
+            statements.push(update_keyed(
+                backend,
+                changes,
+                vec![(run::Column::Id, r.id.clone().into())],
+            ))
         }
         Some(_) => {}
     }
@@ -1123,64 +1121,5 @@ mod tests {
             |_| vec![(stage::Column::Position, 1.into())],
         );
         assert!(out.is_empty(), "{:?}", out);
-    }
-
-    /// A run's row is updated in what changed: a turn that leaves the status as it was does
-    /// not rewrite the status index's entry.
-    #[test]
-    fn a_run_row_is_updated_in_what_changed() {
-        use crate::domain::events::{Actor, DomainEvent, StoredEvent};
-        use crate::domain::profiles::{ProfileSet, ResolveSettings, SkillOverrides};
-        let profiles = ProfileSet::parse(
-            include_str!("../../profiles/workflow_profiles.yaml"),
-            "profiles",
-        )
-        .expect("profiles");
-        let plan = profiles
-            .resolve(
-                &ResolveSettings::default(),
-                "content_calendar",
-                &SkillOverrides::new(),
-            )
-            .expect("plan");
-        let queued = StoredEvent {
-            sequence: 1,
-            event_id: "evt-1".into(),
-            stream_id: "run:run-1".into(),
-            stream_version: 1,
-            actor: Actor::runtime(),
-            thread_id: Some("t-1".into()),
-            run_id: Some("run-1".into()),
-            correlation_id: None,
-            causation_id: None,
-            occurred_at: "2026-11-28T05:00:00.000000Z".into(),
-            body: DomainEvent::WorkflowRunQueued {
-                run_id: "run-1".into(),
-                thread_id: "t-1".into(),
-                project_id: "p-1".into(),
-                brand_id: "b-1".into(),
-                request_text: "r".into(),
-                plan,
-            },
-        };
-        let before = RunState::from_queued(&queued).expect("state");
-        let mut after = before.clone();
-        after.run.version = 2;
-        after.run.last_event_id = "evt-2".into();
-        after.run.updated_at = "2026-11-28T05:00:01.000000Z".into();
-        let change = RunChange {
-            before: Some(before),
-            after,
-            queue: None,
-        };
-        let mut out = Vec::new();
-        run_rows(&change, DbBackend::Sqlite, &mut out).expect("rows");
-        let sql: Vec<&str> = out.iter().map(|s| s.sql.as_str()).collect();
-        assert_eq!(
-            sql,
-            [
-                r#"UPDATE "runs" SET "version" = ?, "last_event_id" = ?, "updated_at" = ? WHERE "runs"."id" = ?"#
-            ]
-        );
     }
 }
