@@ -516,10 +516,7 @@ fn update_keyed<A: ActiveModelTrait>(backend: DbBackend, mut row: A, key: Key<A>
 }
 
 /// The writes that take one kind of a run's rows (stages, approvals, tasks) from `before` to
-/// `after`: new rows in one insert, changed rows updated where `key` selects them, in the
-/// columns that changed only. An update that assigns a column SQLite indexes rewrites that
-/// index's entry even when the value is the same: a stage's key columns, an approval's or a
-/// task's run, thread and stage (3 indexes each) were rewritten at every status change.
+/// `after`: new rows in one insert, changed rows updated where `key` selects them.
 fn child_rows<T: PartialEq, A: ActiveModelTrait>(
     backend: DbBackend,
     statements: &mut Vec<Statement>,
@@ -534,9 +531,7 @@ fn child_rows<T: PartialEq, A: ActiveModelTrait>(
         match before.and_then(|b| b.iter().find(|old| same_row(old, item))) {
             None => new.push(row(item)),
             Some(old) if old != item => {
-                if let Some(changed) = changed_columns(&row(old), row(item)) {
-                    statements.push(update_keyed(backend, changed, key(item)));
-                }
+                statements.push(update_keyed(backend, row(item), key(item)))
             }
             Some(_) => {}
         }
@@ -544,20 +539,6 @@ fn child_rows<T: PartialEq, A: ActiveModelTrait>(
     if !new.is_empty() {
         statements.push(insert_rows(backend, new));
     }
-}
-
-/// `new` with only the columns whose value differs from `old`'s still set; `None` when none
-/// does (the row stores nothing that changed).
-fn changed_columns<A: ActiveModelTrait>(old: &A, mut new: A) -> Option<A> {
-    let mut any = false;
-    for column in Col::<A>::iter() {
-        if old.get(column) == new.get(column) {
-            new.not_set(column);
-        } else {
-            any = true;
-        }
-    }
-    any.then_some(new)
 }
 
 /// The writes that take a run's rows from `change.before` to `change.after`: only the rows that
@@ -1028,98 +1009,5 @@ mod tests {
         let mut partial = stage_row(2, false);
         partial.started_at = NotSet;
         same_as_sea_orm(vec![stage_row(1, false), partial]);
-    }
-
-    /// A changed row is updated in the columns that changed, never in its key or in the
-    /// columns an index holds that did not change; an unchanged row, or one that differs in
-    /// nothing stored, is not written.
-    #[test]
-    fn changed_rows_write_only_their_changed_columns() {
-        use sea_orm::IntoActiveModel;
-        let model = |position: i32, failed: bool| {
-            let row = stage_row(position, failed);
-            stage::Model {
-                run_id: "r-1".into(),
-                position,
-                key: row.key.unwrap(),
-                status: row.status.unwrap(),
-                skills: row.skills.unwrap(),
-                approval_required: row.approval_required.unwrap(),
-                max_attempts: row.max_attempts.unwrap(),
-                backoff_seconds: row.backoff_seconds.unwrap(),
-                timeout_seconds: row.timeout_seconds.unwrap(),
-                attempts: row.attempts.unwrap(),
-                failures: row.failures.unwrap(),
-                error_code: row.error_code.unwrap(),
-                error_message: None,
-                retryable: false,
-                started_at: None,
-                finished_at: None,
-            }
-        };
-        let before = [model(1, false), model(2, false), model(3, false)];
-        let mut running = model(2, false);
-        running.status = "running".into();
-        running.attempts = 1;
-        running.started_at = Some("2026-11-28T05:00:00.000000Z".into());
-        let after = [model(1, false), running, model(3, true), model(4, false)];
-        for backend in [DbBackend::Sqlite, DbBackend::Postgres] {
-            let mut out = Vec::new();
-            child_rows(
-                backend,
-                &mut out,
-                &after,
-                Some(&before),
-                |a, b| a.position == b.position,
-                |m| m.clone().into_active_model().reset_all(),
-                |m| {
-                    vec![
-                        (stage::Column::RunId, m.run_id.clone().into()),
-                        (stage::Column::Position, m.position.into()),
-                    ]
-                },
-            );
-            let sql: Vec<&str> = out.iter().map(|s| s.sql.as_str()).collect();
-            let p = |n: usize| match backend {
-                DbBackend::Postgres => format!("${n}"),
-                _ => "?".into(),
-            };
-            assert_eq!(sql.len(), 3, "{sql:?}");
-            assert_eq!(
-                sql[0],
-                format!(
-                    "UPDATE \"stages\" SET \"status\" = {}, \"attempts\" = {}, \"started_at\" = {} \
-                     WHERE \"stages\".\"run_id\" = {} AND \"stages\".\"position\" = {}",
-                    p(1),
-                    p(2),
-                    p(3),
-                    p(4),
-                    p(5)
-                )
-            );
-            assert_eq!(
-                sql[1],
-                format!(
-                    "UPDATE \"stages\" SET \"error_code\" = {} \
-                     WHERE \"stages\".\"run_id\" = {} AND \"stages\".\"position\" = {}",
-                    p(1),
-                    p(2),
-                    p(3)
-                )
-            );
-            assert!(sql[2].starts_with("INSERT INTO \"stages\""), "{}", sql[2]);
-        }
-        // Nothing stored differs: nothing written.
-        let mut out = Vec::new();
-        child_rows(
-            DbBackend::Sqlite,
-            &mut out,
-            &[(1, "a")],
-            Some(&[(1, "b")]),
-            |a, b| a.0 == b.0,
-            |_| stage_row(1, false),
-            |_| vec![(stage::Column::Position, 1.into())],
-        );
-        assert!(out.is_empty(), "{:?}", out);
     }
 }
