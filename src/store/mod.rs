@@ -107,6 +107,10 @@ struct Batch {
     /// `ROLLBACK` fails and sqlx's count stays off by one; the pool then discards the connection
     /// at its next checkout instead of beginning by savepoint on it (see [`connect_options`]).
     needs_begin: AtomicBool,
+    /// SQLite: the last writer's savepoint is still open and goes with the `COMMIT` (`RELEASE;
+    /// COMMIT` in one hand-over): a writer whose last send was a read, and who commits the batch
+    /// itself, has nothing else to send (see [`WriteTx::finish`]).
+    release_at_commit: bool,
     feed: Arc<CommittedFeed>,
     committed: Arc<Notify>,
     stats: Arc<WriteStats>,
@@ -273,6 +277,7 @@ fn pg_write_lock() -> String {
     format!("SELECT pg_advisory_xact_lock({PG_WRITE_LOCK_KEY})")
 }
 const RELEASE: &str = "RELEASE SAVEPOINT vm_writer";
+const RELEASE_AND_COMMIT: &str = "RELEASE SAVEPOINT vm_writer; COMMIT";
 const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT vm_writer; RELEASE SAVEPOINT vm_writer";
 
 /// How the store connects: `max_connections` at most, one kept open.
@@ -347,6 +352,7 @@ impl Batch {
     /// Roll the whole batch back and tell every waiting writer it failed.
     fn abandon(&mut self) {
         drop(self.tx.take());
+        self.release_at_commit = false;
         self.rollback_pending = false;
         self.appended = 0;
         self.writers = 0;
@@ -413,7 +419,12 @@ impl Batch {
     /// batch (see [`Batch::needs_begin`]). The handle is out of `self` while the `COMMIT` runs
     /// and comes back only once it succeeded: a failed `COMMIT`, or one cut short, drops it.
     async fn commit_and_keep(&mut self, tx: DatabaseTransaction) -> Result<(), DbErr> {
-        tx.execute_unprepared("COMMIT").await?;
+        let commit = if std::mem::take(&mut self.release_at_commit) {
+            RELEASE_AND_COMMIT
+        } else {
+            "COMMIT"
+        };
+        tx.execute_unprepared(commit).await?;
         self.tx = Some(tx);
         self.needs_begin.store(true, Ordering::SeqCst);
         Ok(())
@@ -557,6 +568,7 @@ impl Store {
             locked: AtomicBool::new(false),
             notified: AtomicBool::new(false),
             needs_begin: AtomicBool::new(false),
+            release_at_commit: false,
             feed: feed.clone(),
             committed: committed.clone(),
             stats: stats.clone(),
@@ -1216,6 +1228,13 @@ impl WriteTx {
         Ok(rows)
     }
 
+    /// Whether this writer would commit the batch if it left now (see [`commits_the_batch`]).
+    fn commits_the_batch(&self) -> bool {
+        self.guard
+            .as_ref()
+            .is_some_and(|g| commits_the_batch(g, &self.queued))
+    }
+
     /// The log's highest sequence as this transaction sees it.
     pub(crate) async fn log_head(&mut self) -> Result<i64, AppError> {
         let cached = self.guard.as_ref().and_then(|g| g.head);
@@ -1285,7 +1304,18 @@ impl WriteTx {
             && self.appended > 0
             && !self.batch().notified.load(Ordering::SeqCst);
         let wrote = !crate::sync::lock(&self.unsent).sql.is_empty();
-        if wrote || self.opened.load(Ordering::SeqCst) {
+        let opened = self.opened.load(Ordering::SeqCst);
+        // SQLite, nothing left to send but the release, and this writer commits the batch: the
+        // release goes with the `COMMIT`, one hand-over instead of two (at low load, a turn
+        // that ends with a claim finding nothing).
+        let release_at_commit =
+            !wrote && opened && self.backend == DbBackend::Sqlite && self.commits_the_batch();
+        if release_at_commit {
+            self.count_statements(1);
+            if let Some(g) = self.guard.as_mut() {
+                g.release_at_commit = true;
+            }
+        } else if wrote || opened {
             {
                 let mut unsent = crate::sync::lock(&self.unsent);
                 unsent.push(RELEASE, None);
@@ -1307,12 +1337,7 @@ impl WriteTx {
         guard.appended += self.appended;
         guard.events.append(&mut self.events);
         guard.writers += 1;
-        if self.queued.load(Ordering::SeqCst) == 0
-            || guard.waiters.len() + 1 >= max_batch()
-            || guard
-                .waiting_since
-                .is_some_and(|t| t.elapsed() >= max_batch_age())
-        {
+        if guard.release_at_commit || commits_the_batch(&guard, &self.queued) {
             return guard.flush().await;
         }
         let (done_tx, done_rx) = oneshot::channel();
@@ -1326,6 +1351,16 @@ impl WriteTx {
             ))),
         }
     }
+}
+
+/// Whether a writer that leaves the batch now commits it: nobody else waits for a turn, or the
+/// batch is full or old enough.
+fn commits_the_batch(batch: &Batch, queued: &AtomicUsize) -> bool {
+    queued.load(Ordering::SeqCst) == 0
+        || batch.waiters.len() + 1 >= max_batch()
+        || batch
+            .waiting_since
+            .is_some_and(|t| t.elapsed() >= max_batch_age())
 }
 
 impl Drop for WriteTx {

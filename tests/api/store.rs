@@ -852,8 +852,40 @@ async fn a_writers_writes_go_together(backend: Backend) {
     );
 }
 
+/// A writer alone in its batch whose last send was a read (a claim) commits with one hand-over
+/// more on SQLite: its savepoint's release goes with the `COMMIT`. What it wrote is committed
+/// all the same, and the next writer's savepoint opens cleanly after it.
+async fn a_lone_writers_release_goes_with_the_commit(backend: Backend) {
+    let (app, _services, store, thread) = stepped_by_hand(backend).await;
+    let run = app.start_run_id(&thread, "content_calendar").await;
+    let (sends, commits) = (store.write_stats().sends(), store.write_stats().get().1);
+    let claimed = store.claim_run("worker-r", 30.0).await.expect("claim");
+    assert_eq!(claimed.as_deref(), Some(run.as_str()));
+    let used = store.write_stats().sends() - sends;
+    // SQLite: the savepoint, the claim (before: and the release, a hand-over of its own).
+    // Postgres: the lock and the savepoint, the claim, the release.
+    assert_eq!(used, if store.is_postgres() { 3 } else { 1 });
+    assert_eq!(store.write_stats().get().1 - commits, 1, "one commit");
+    // Committed: seen from a connection of the read pool, and the lease is the claimer's.
+    assert!(!store.has_claimable_run().await.expect("look"), "leased");
+    assert!(store
+        .renew_lease(&run, "worker-r", 30.0)
+        .await
+        .expect("renew"));
+    // A claim that finds nothing ends the same way, and writers go on after it.
+    assert_eq!(
+        store.claim_run("worker-s", 30.0).await.expect("claim"),
+        None
+    );
+    let w = writer_with_brand(&store, "after-claims").await;
+    w.commit().await.expect("commit");
+    let before = store.head_sequence().await.expect("head") - 1;
+    assert_eq!(streams_after(&store, before).await, ["brand:after-claims"]);
+}
+
 crate::both_backends!(
     a_writers_writes_go_together,
+    a_lone_writers_release_goes_with_the_commit,
     a_failed_last_writer_still_commits_the_batch,
     a_commit_cut_short_still_commits,
     a_failed_writer_leaves_the_rest_of_its_batch,
