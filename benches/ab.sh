@@ -35,6 +35,10 @@ ulimit -n 20000 2>/dev/null || true
 addr=127.0.0.1:18766
 pg_base=${DATABASE_URL:-}
 unset DATABASE_URL
+# The server of the run in progress: stopped too when this script is interrupted, so that the
+# next invocation finds the port free.
+server=""
+trap '[ -z "$server" ] || kill -INT "$server" 2>/dev/null' EXIT
 
 one() { # one BUILD_DIR LABEL loadgen-flags...
   local bin=$1 label=$2 data db="" pid json turns
@@ -47,10 +51,12 @@ one() { # one BUILD_DIR LABEL loadgen-flags...
   env ${db:+DATABASE_URL=${pg_base%/*}/$db} "$bin/vm-workflow" --data-dir "$data" --bind "$addr" serve \
     >"$data.log" 2>&1 &
   pid=$!
+  server=$pid
   for _ in $(seq 100); do curl -sf -o /dev/null "http://$addr/healthz" && break; sleep 0.1; done
   json=$("$bin/loadgen" --url "http://$addr" --label "$label" "$@" | tail -n 1) || true
   kill -INT "$pid" 2>/dev/null || echo "$label: the server had stopped; see $data.log" >&2
   wait "$pid" || true
+  server=""
   [ -n "$db" ] && psql -q "$pg_base" -c "DROP DATABASE $db"
   case $json in
     "{"*) ;;
