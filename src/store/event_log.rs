@@ -7,8 +7,8 @@ use crate::domain::{ids, time};
 use crate::error::AppError;
 use sea_orm::sea_query::{Expr, Func, Query};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QueryResult,
-    QuerySelect, Set, Statement,
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    Set, Statement,
 };
 
 /// An event to append, with the ids it is indexed by.
@@ -66,7 +66,7 @@ impl WriteTx {
     }
 }
 
-fn to_stored(m: event::Model) -> Result<StoredEvent, AppError> {
+pub(crate) fn to_stored(m: event::Model) -> Result<StoredEvent, AppError> {
     let payload: serde_json::Value = serde_json::from_str(&m.payload)?;
     let body = DomainEvent::from_parts(&m.event_type, payload)?;
     Ok(StoredEvent {
@@ -99,6 +99,20 @@ pub async fn read_after(
     filter: &EventFilter,
     limit: u64,
 ) -> Result<Vec<StoredEvent>, AppError> {
+    select_after(after, filter, limit)
+        .all(conn)
+        .await?
+        .into_iter()
+        .map(to_stored)
+        .collect()
+}
+
+/// The select of [`read_after`].
+pub(crate) fn select_after(
+    after: i64,
+    filter: &EventFilter,
+    limit: u64,
+) -> sea_orm::Select<event::Entity> {
     let mut q = event::Entity::find().filter(event::Column::Sequence.gt(after));
     if let Some(run) = &filter.run_id {
         // A run's events are its stream's (`run_stream`), found by `ux_events_stream_version`.
@@ -109,13 +123,7 @@ pub async fn read_after(
     if let Some(thread) = &filter.thread_id {
         q = q.filter(event::Column::ThreadId.eq(thread.clone()));
     }
-    q.order_by_asc(event::Column::Sequence)
-        .limit(limit)
-        .all(conn)
-        .await?
-        .into_iter()
-        .map(to_stored)
-        .collect()
+    q.order_by_asc(event::Column::Sequence).limit(limit)
 }
 
 /// Every event of one stream, in order.
@@ -135,10 +143,13 @@ pub async fn read_stream(
 
 /// The highest committed sequence (0 for an empty log).
 pub async fn head(conn: &impl ConnectionTrait) -> Result<i64, AppError> {
-    let rows = conn
-        .query_all_raw(head_read(conn.get_database_backend()))
+    let row = conn
+        .query_one_raw(head_read(conn.get_database_backend()))
         .await?;
-    head_of(&rows)
+    let max = row
+        .map(|r| r.try_get_by_index::<Option<i64>>(0))
+        .transpose()?;
+    Ok(max.flatten().unwrap_or(0))
 }
 
 /// The read of the log's highest sequence (see [`head_of`]).
@@ -151,7 +162,7 @@ pub(crate) fn head_read(backend: DbBackend) -> Statement {
 }
 
 /// The answer of [`head_read`]: 0 for an empty log.
-pub(crate) fn head_of(rows: &[QueryResult]) -> Result<i64, AppError> {
+pub(crate) fn head_of(rows: &[super::Row]) -> Result<i64, AppError> {
     let max = super::first_value::<Option<i64>>(rows)?;
     Ok(max.flatten().unwrap_or(0))
 }

@@ -4,7 +4,7 @@ use super::entities::idempotency_key;
 use super::WriteTx;
 use crate::domain::time;
 use crate::error::AppError;
-use sea_orm::{EntityTrait, FromQueryResult, QueryTrait, Set};
+use sea_orm::{EntityTrait, QueryTrait, Set};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -51,7 +51,7 @@ impl WriteTx {
         let read = idempotency_key::Entity::find_by_id((idem.mutation.to_string(), key.clone()))
             .build(self.backend());
         let found = match self.query(read).await?.first() {
-            Some(row) => Some(idempotency_key::Model::from_query_result(row, "")?),
+            Some(row) => Some(row.model::<idempotency_key::Entity>()?),
             None => None,
         };
         match found {

@@ -20,15 +20,18 @@ pub mod rebuild;
 mod rows;
 pub mod seed;
 pub mod sqlite_memory;
+mod sqlite_writer;
 pub mod turns;
+mod write_rows;
 
 use crate::domain::events::StoredEvent;
 use crate::error::AppError;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    DbErr, QueryResult, SqlErr, Statement, StatementBuilder, TransactionTrait,
+    DbErr, SqlErr, Statement, StatementBuilder, TransactionTrait,
 };
+use sqlite_writer::SqliteWriter;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +41,7 @@ use turns::{Turn, TurnGuard, TurnLock};
 pub use rows::{
     ApprovalRow, ArtifactRow, BrandRow, EventFilter, Page, ProjectRow, ThreadRow, TimelineRow,
 };
+pub(crate) use write_rows::{first_value, Row};
 
 /// Channel used with `LISTEN/NOTIFY` on Postgres to announce committed events.
 pub const PG_CHANNEL: &str = "vm_workflow_events";
@@ -66,7 +70,13 @@ impl From<DbErr> for AppError {
 /// durable, so nothing a client was told is lost on a crash.
 struct Batch {
     backend: DbBackend,
+    /// Postgres: the batch's transaction, begun on a pooled connection.
     tx: Option<DatabaseTransaction>,
+    /// SQLite: the writer's connection, driven by the turn's holder (see [`sqlite_writer`]).
+    /// The batch's transaction is begun on it by the batch's first send that opens a savepoint
+    /// (`BEGIN` before the `SAVEPOINT`) and ended by its commit; between batches it has none
+    /// open.
+    sqlite: Option<std::sync::Mutex<SqliteWriter>>,
     /// Writers whose savepoint is released into `tx` and who wait for its commit.
     waiters: Vec<oneshot::Sender<Result<(), ()>>>,
     /// Events appended in `tx` so far.
@@ -91,24 +101,8 @@ struct Batch {
     /// so no later rollback to a savepoint takes it back). Postgres delivers one per
     /// transaction and payload at commit, so one is enough for every writer of the batch.
     notified: AtomicBool,
-    /// SQLite: `tx` is the handle kept from the last batch, which committed with a `COMMIT` of
-    /// our own; no transaction is open on its connection. The batch's first send that opens a
-    /// savepoint begins one (`BEGIN` in the same hand-over).
-    ///
-    /// Kept because a new handle checks the writer's connection out of its pool again: sqlx
-    /// pings a connection when it comes back and at checkout, each a hand-over to SQLite's
-    /// thread, and returns it from a task of its own; that made `BEGIN` a fifth of the write
-    /// lock's time (BENCHMARKS.md, "Where the write lock's time goes, measured in the server").
-    ///
-    /// sqlx still counts the kept handle as one transaction deep, and nothing here lets sqlx
-    /// commit or roll it back by savepoint: the handle is dropped, which makes sqlx send a plain
-    /// `ROLLBACK` (whatever is open is rolled back), or, in [`Store::close`] only, committed
-    /// through sqlx right after a `BEGIN` of ours. If nothing was open at a drop, that
-    /// `ROLLBACK` fails and sqlx's count stays off by one; the pool then discards the connection
-    /// at its next checkout instead of beginning by savepoint on it (see [`connect_options`]).
-    needs_begin: AtomicBool,
-    /// SQLite: the last writer's savepoint is still open and goes with the `COMMIT` (`RELEASE;
-    /// COMMIT` in one hand-over): a writer whose last send was a read, and who commits the batch
+    /// SQLite: the last writer's savepoint is still open and is released by the commit, right
+    /// before its `COMMIT`: a writer whose last send was a read, and who commits the batch
     /// itself, has nothing else to send (see [`WriteTx::finish`]).
     release_at_commit: bool,
     feed: Arc<CommittedFeed>,
@@ -171,15 +165,14 @@ pub struct WriteTimings {
     pub turns: u64,
     /// The time those turns held the lock.
     pub held: Duration,
-    /// Inside them: waiting for writers' sends (statements executed, hand-overs or round
-    /// trips), for `BEGIN` and for `COMMIT`. The rest of `held` is the holders' own work.
+    /// Inside them: writers' sends (on SQLite their statements executed by the holder, on
+    /// Postgres round trips), `BEGIN` (Postgres; on SQLite it goes with a send) and `COMMIT`.
+    /// The rest of `held` is the holders' own work.
     pub sends: Duration,
     pub begins: Duration,
     pub commits: Duration,
-    /// Batch transactions begun on a connection checked out of the pool: one per batch on
-    /// Postgres; on SQLite one at the first batch, and after a batch was rolled back, a
-    /// `COMMIT` failed or [`Store::close`] (the handle is otherwise kept from one batch to the
-    /// next, see [`Batch::needs_begin`]).
+    /// Postgres: batch transactions begun on a connection checked out of the pool, one per
+    /// batch (none on SQLite, whose writer connection is the batch's own).
     pub begun: u64,
 }
 
@@ -211,15 +204,14 @@ impl WriteStats {
         )
     }
 
-    /// How many times writers' statements went to the database (a hand-over to SQLite's thread,
-    /// a round trip to Postgres): each writer's writes go together, before its next read and
-    /// with its commit.
+    /// How many times writers' statements went to the database (on SQLite executed by the
+    /// turn's holder, a round trip to Postgres): each writer's writes go together, before its
+    /// next read and with its commit.
     pub fn sends(&self) -> u64 {
         self.sends.load(Ordering::SeqCst)
     }
 
-    /// How many statements writers sent (through their sends; not those run on the handle
-    /// [`WriteTx::conn`] gives out).
+    /// How many statements writers sent (not the batch's `BEGIN` and `COMMIT`).
     pub fn statements(&self) -> u64 {
         self.statements.load(Ordering::SeqCst)
     }
@@ -240,7 +232,11 @@ impl std::fmt::Debug for Batch {
         f.debug_struct("Batch")
             .field(
                 "open",
-                &(self.tx.is_some() && !self.needs_begin.load(Ordering::SeqCst)),
+                &(self.tx.is_some()
+                    || self
+                        .sqlite
+                        .as_ref()
+                        .is_some_and(|w| crate::sync::lock(w).began())),
             )
             .field("waiters", &self.waiters.len())
             .field("appended", &self.appended)
@@ -277,8 +273,7 @@ fn pg_write_lock() -> String {
     format!("SELECT pg_advisory_xact_lock({PG_WRITE_LOCK_KEY})")
 }
 const RELEASE: &str = "RELEASE SAVEPOINT vm_writer";
-const RELEASE_AND_COMMIT: &str = "RELEASE SAVEPOINT vm_writer; COMMIT";
-const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT vm_writer; RELEASE SAVEPOINT vm_writer";
+const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT vm_writer";
 
 /// How the store connects: `max_connections` at most, one kept open.
 fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
@@ -291,10 +286,8 @@ fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
         // A pooled connection on which sqlx still counts a transaction is discarded at its next
         // checkout rather than reused: a `ROLLBACK` sqlx sent when a handle was dropped
         // failed, because SQLite had none open (it rolls a transaction back by itself after
-        // some errors; the kept write handle has none open between batches, see
-        // `Batch::needs_begin`). On such a connection sqlx would begin the next transaction
-        // with a savepoint, and rolling that back would leave a transaction open whose later
-        // writes are never committed.
+        // some errors). On such a connection sqlx would begin the next transaction with a
+        // savepoint, and rolling that back would leave a transaction open.
         .map_sqlx_sqlite_before_acquire(|conn, _| {
             Box::pin(async move { Ok(!sea_orm::sqlx::Connection::is_in_transaction(conn)) })
         })
@@ -318,8 +311,12 @@ fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
 }
 
 impl Batch {
-    /// Begin the batch's transaction on `db` (nothing locked or notified in it yet).
+    /// Postgres: begin the batch's transaction on `db` (nothing locked or notified in it yet).
+    /// SQLite: nothing to do, the batch's first send that opens a savepoint begins it.
     async fn begin(&mut self, db: &DatabaseConnection) -> Result<(), AppError> {
+        if self.sqlite.is_some() {
+            return Ok(());
+        }
         let began = Instant::now();
         let tx = db.begin().await;
         add_elapsed(&self.stats.begin_ns, began);
@@ -327,8 +324,15 @@ impl Batch {
         self.tx = Some(tx?);
         self.locked.store(false, Ordering::SeqCst);
         self.notified.store(false, Ordering::SeqCst);
-        self.needs_begin.store(false, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Whether the batch needs a transaction begun before its next savepoint.
+    fn needs_tx(&self) -> bool {
+        match &self.sqlite {
+            Some(w) => !crate::sync::lock(w).began(),
+            None => self.tx.is_none(),
+        }
     }
 
     /// Roll back to the savepoint of a writer that left without committing (if one did). On
@@ -337,14 +341,22 @@ impl Batch {
         if !self.rollback_pending {
             return Ok(());
         }
-        let rolled_back = match self.tx.as_ref() {
-            Some(tx) => tx.execute_unprepared(ROLLBACK_TO).await.map(|_| ()),
-            None => Ok(()),
+        let rolled_back = match (&self.sqlite, self.tx.as_ref()) {
+            (Some(w), _) => {
+                let mut w = crate::sync::lock(w);
+                w.run(ROLLBACK_TO, &[]).and_then(|()| w.run(RELEASE, &[]))
+            }
+            (None, Some(tx)) => tx
+                .execute_unprepared(&format!("{ROLLBACK_TO}; {RELEASE}"))
+                .await
+                .map(|_| ())
+                .map_err(AppError::from),
+            (None, None) => Ok(()),
         };
         self.rollback_pending = false;
         if let Err(e) = rolled_back {
             self.abandon();
-            return Err(e.into());
+            return Err(e);
         }
         Ok(())
     }
@@ -352,6 +364,9 @@ impl Batch {
     /// Roll the whole batch back and tell every waiting writer it failed.
     fn abandon(&mut self) {
         drop(self.tx.take());
+        if let Some(w) = &self.sqlite {
+            crate::sync::lock(w).rollback();
+        }
         self.release_at_commit = false;
         self.rollback_pending = false;
         self.appended = 0;
@@ -367,8 +382,7 @@ impl Batch {
     /// Commit the open transaction (if any) and tell every waiting writer how it went.
     async fn flush(&mut self) -> Result<(), AppError> {
         self.settle().await?;
-        let idle = self.needs_begin.load(Ordering::SeqCst);
-        if self.tx.is_none() || (idle && self.writers == 0 && self.waiters.is_empty()) {
+        if self.needs_tx() && self.writers == 0 && self.waiters.is_empty() {
             // Nothing begun since the last commit.
             return Ok(());
         }
@@ -381,15 +395,12 @@ impl Batch {
         // On Postgres the batch's first appending writer sent a `pg_notify` after its release
         // (see `Batch::notified`); Postgres delivers it at commit.
         let began = Instant::now();
-        let result = match self.tx.take() {
-            // Its writers sent nothing: no transaction was begun in the kept handle, which stays.
-            tx if idle => {
-                self.tx = tx;
-                Ok(())
-            }
-            Some(tx) if self.backend == DbBackend::Sqlite => self.commit_and_keep(tx).await,
-            Some(tx) => tx.commit().await,
-            None => Ok(()),
+        let release = std::mem::take(&mut self.release_at_commit);
+        let result = match (&self.sqlite, self.tx.take()) {
+            (Some(w), _) => commit_sqlite(&mut crate::sync::lock(w), release),
+            (None, Some(tx)) => tx.commit().await.map_err(AppError::from),
+            // Its writers sent nothing: no transaction was begun.
+            (None, None) => Ok(()),
         };
         add_elapsed(&self.stats.commit_ns, began);
         let ok = result.is_ok();
@@ -412,23 +423,30 @@ impl Batch {
         if ok && appended > 0 {
             self.committed.notify_waiters();
         }
-        result.map_err(AppError::from)
+        result
     }
+}
 
-    /// SQLite: commit the batch with a `COMMIT` of our own and keep the handle for the next
-    /// batch (see [`Batch::needs_begin`]). The handle is out of `self` while the `COMMIT` runs
-    /// and comes back only once it succeeded: a failed `COMMIT`, or one cut short, drops it.
-    async fn commit_and_keep(&mut self, tx: DatabaseTransaction) -> Result<(), DbErr> {
-        let commit = if std::mem::take(&mut self.release_at_commit) {
-            RELEASE_AND_COMMIT
-        } else {
-            "COMMIT"
-        };
-        tx.execute_unprepared(commit).await?;
-        self.tx = Some(tx);
-        self.needs_begin.store(true, Ordering::SeqCst);
-        Ok(())
+/// SQLite: commit the batch's transaction (releasing the last writer's savepoint first when it
+/// is still open, see [`Batch::release_at_commit`]). Nothing begun: nothing to commit (its
+/// writers sent nothing). A transaction SQLite rolled back by itself fails the batch.
+fn commit_sqlite(w: &mut SqliteWriter, release: bool) -> Result<(), AppError> {
+    if w.lost_transaction() {
+        w.rollback();
+        return Err(AppError::internal(anyhow::anyhow!(
+            "SQLite rolled the write batch back by itself after an error"
+        )));
     }
+    if !w.began() {
+        return Ok(());
+    }
+    if release {
+        if let Err(e) = w.run(RELEASE, &[]) {
+            w.rollback();
+            return Err(e);
+        }
+    }
+    w.commit()
 }
 
 /// Counts a writer as queued for the batch lock until it holds it; a writer that gives up
@@ -488,10 +506,9 @@ async fn flush_if_idle(batch: TurnLock<Batch>, queued: Arc<AtomicUsize>) {
 
 #[derive(Debug)]
 pub struct Store {
+    /// The pool: reads, and on Postgres the write batches' transactions (on SQLite writes go
+    /// through the batch's own connection, see [`Batch::sqlite`]).
     db: DatabaseConnection,
-    /// Where writes go: on SQLite a connection of their own (see [`Store::connect`]), on
-    /// Postgres the pool.
-    writer: DatabaseConnection,
     backend: DbBackend,
     batch: TurnLock<Batch>,
     /// Writers waiting for the batch lock.
@@ -529,16 +546,13 @@ impl Store {
             .await
             .map_err(AppError::internal)?;
         let backend = db.get_database_backend();
-        // SQLite: every write goes through one connection of its own, kept open. A connection
-        // drops its page cache whenever another one has written since its last transaction;
-        // with writers taking turns on pool connections every turn read its pages again from
-        // the file (BENCHMARKS.md, "One writer connection").
-        let writer = if backend == DbBackend::Sqlite {
-            let mut opts = connect_options(url, 1);
-            opts.idle_timeout(None).max_lifetime(None);
-            Database::connect(opts).await.map_err(AppError::internal)?
+        // SQLite: every write goes through one connection of its own, kept open (a connection
+        // drops its page cache whenever another one has written since its last transaction:
+        // BENCHMARKS.md, "One writer connection"), driven by the write turn's holder.
+        let sqlite = if backend == DbBackend::Sqlite {
+            Some(std::sync::Mutex::new(open_sqlite_writer(url)?))
         } else {
-            db.clone()
+            None
         };
         let planner_stable = backend != DbBackend::Sqlite || planner_is_stable(&db).await;
         if !planner_stable {
@@ -558,6 +572,7 @@ impl Store {
         let batch = TurnLock::new(Batch {
             backend,
             tx: None,
+            sqlite,
             waiters: Vec::new(),
             appended: 0,
             head: None,
@@ -567,7 +582,6 @@ impl Store {
             rollback_pending: false,
             locked: AtomicBool::new(false),
             notified: AtomicBool::new(false),
-            needs_begin: AtomicBool::new(false),
             release_at_commit: false,
             feed: feed.clone(),
             committed: committed.clone(),
@@ -588,7 +602,6 @@ impl Store {
         });
         Ok(Store {
             db,
-            writer,
             backend,
             batch,
             queued,
@@ -733,15 +746,6 @@ impl Store {
         }
         let mut guard = self.batch.lock(Turn::Request).await;
         guard.flush().await?;
-        // SQLite: hand the kept handle back to sqlx as it expects it, one transaction open,
-        // and end that. (Should the `BEGIN` fail, the drop rolls back what may be open.)
-        if let Some(tx) = guard.tx.take() {
-            if guard.needs_begin.swap(false, Ordering::SeqCst)
-                && tx.execute_unprepared("BEGIN").await.is_ok()
-            {
-                tx.commit().await?;
-            }
-        }
         if self.backend == DbBackend::Sqlite {
             let row = self
                 .db
@@ -784,8 +788,8 @@ impl Store {
         let queued = Queued::new(self);
         let mut guard = self.batch.lock(turn).await;
         queued.arrived();
-        if guard.tx.is_none() {
-            guard.begin(&self.writer).await?;
+        if guard.needs_tx() {
+            guard.begin(&self.db).await?;
         }
         let setup = guard.rollback_pending;
         let w = WriteTx {
@@ -804,10 +808,24 @@ impl Store {
         }
         // A rollback left by the previous writer runs in a task of its own: a caller that goes
         // away meanwhile cannot cut it short and leave the batch not knowing what ran.
-        tokio::spawn(w.open(self.writer.clone()))
+        tokio::spawn(w.open(self.db.clone()))
             .await
             .unwrap_or_else(|e| Err(AppError::internal(e)))
     }
+}
+
+/// SQLite: the writer's connection to the file `url` names (see [`sqlite_writer`]).
+fn open_sqlite_writer(url: &str) -> Result<SqliteWriter, AppError> {
+    use std::str::FromStr;
+    let opts =
+        sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url).map_err(AppError::internal)?;
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        return Err(AppError::internal(anyhow::anyhow!(
+            "an in-memory SQLite database cannot be shared by the readers and the writer: give a \
+             file (sqlite://path/to/file.sqlite3?mode=rwc)"
+        )));
+    }
+    SqliteWriter::open(opts.get_filename(), WAL_FILE_LIMIT)
 }
 
 /// Whether the SQLite library was built with the query planner stability guarantee (see
@@ -831,17 +849,16 @@ async fn planner_is_stable(db: &DatabaseConnection) -> bool {
 /// One writer's turn: a savepoint in the write batch, holding the batch lock until it commits
 /// or drops (a drop rolls back to the savepoint and leaves the rest of the batch intact).
 ///
-/// Every statement is a wait under the lock (on SQLite a hand-over to sqlx's SQLite thread and
-/// back, on Postgres a round trip), so a writer's statements go together: its writes wait (see
-/// [`WriteTx::exec`]) and are sent as one multi-statement execution before its next read
-/// ([`WriteTx::query`]) or with its commit, and its savepoint is opened by its first send and
+/// A writer's writes wait (see [`WriteTx::exec`]) and go together before its next read
+/// ([`WriteTx::query`]) or with its commit; its savepoint is opened by its first send and
 /// released by its last. A writer that only writes is one send: `SAVEPOINT; writes…; RELEASE`.
 ///
-/// On SQLite the read goes in the same execution as the writes before it. On Postgres several
-/// statements go in one message only by the simple query protocol, which binds no parameters:
-/// the writes are sent with their values written into the SQL as literals (see
-/// [`inline_postgres`]), and a read follows as a prepared statement of its own. The batch's
-/// first send also takes the advisory write lock.
+/// On SQLite a send is the statements executed one after another by the turn's holder on the
+/// batch's connection (see [`sqlite_writer`]), no thread hand-over. On Postgres a send is a
+/// round trip: several statements go in one message only by the simple query protocol, which
+/// binds no parameters, so the writes are sent with their values written into the SQL as
+/// literals (see [`inline_postgres`]), and a read follows as a prepared statement of its own.
+/// The batch's first send also takes the advisory write lock.
 pub struct WriteTx {
     backend: DbBackend,
     guard: Option<TurnGuard<Batch>>,
@@ -860,24 +877,33 @@ pub struct WriteTx {
     failed: AtomicBool,
 }
 
-/// Writes of a [`WriteTx`] waiting to be sent together.
+/// Writes of a [`WriteTx`] waiting to be sent together, in order, each with its values (none
+/// on Postgres, where they are literals).
 #[derive(Default)]
 struct Unsent {
-    sql: String,
-    values: Vec<sea_orm::Value>,
-    statements: usize,
+    list: Vec<(String, Vec<sea_orm::Value>)>,
 }
 
 impl Unsent {
-    fn push(&mut self, sql: &str, values: Option<sea_orm::Values>) {
-        if !self.sql.is_empty() {
-            self.sql.push_str(";\n");
+    fn push(&mut self, sql: impl Into<String>, values: Option<sea_orm::Values>) {
+        self.list
+            .push((sql.into(), values.map(|v| v.0).unwrap_or_default()));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Postgres: the statements as one simple-query text.
+    fn joined(&self) -> String {
+        let mut sql = String::new();
+        for (s, _) in &self.list {
+            if !sql.is_empty() {
+                sql.push_str(";\n");
+            }
+            sql.push_str(s);
         }
-        self.sql.push_str(sql);
-        if let Some(values) = values {
-            self.values.extend(values.0);
-        }
-        self.statements += 1;
+        sql
     }
 }
 
@@ -986,16 +1012,6 @@ fn pg_literal(value: &sea_orm::Value) -> Option<String> {
     })
 }
 
-/// The first column of the first row, if there is a row (a single value read or returned).
-pub(crate) fn first_value<T: sea_orm::TryGetable>(
-    rows: &[QueryResult],
-) -> Result<Option<T>, AppError> {
-    Ok(rows
-        .first()
-        .map(|r| r.try_get_by_index::<T>(0))
-        .transpose()?)
-}
-
 /// Adds the time a send waited to the send counter when it ends, however it ends.
 struct SendTimer<'a>(&'a AtomicU64, Instant);
 
@@ -1007,7 +1023,12 @@ impl Drop for SendTimer<'_> {
 
 /// A unique-index violation among a writer's statements: the data it decided on changed.
 fn conflict_or(e: DbErr) -> AppError {
-    match AppError::from(e) {
+    conflict(AppError::from(e))
+}
+
+/// See [`conflict_or`].
+fn conflict(e: AppError) -> AppError {
+    match e {
         AppError::Conflict(_) => AppError::Conflict(
             "the data changed concurrently (a record with this identity already exists); retry"
                 .into(),
@@ -1036,7 +1057,7 @@ impl WriteTx {
         self.backend
     }
 
-    /// Count one hand-over of this writer's statements to the database.
+    /// Count one send of this writer's statements to the database.
     fn count_send(&self) {
         if let Some(g) = self.guard.as_ref() {
             g.stats.sends.fetch_add(1, Ordering::SeqCst);
@@ -1050,23 +1071,49 @@ impl WriteTx {
         }
     }
 
-    /// The transaction, for reads built with sea-orm (and for writes whose result is needed),
-    /// once this writer's earlier writes are sent. Reads on the hot path use
-    /// [`WriteTx::query`], which carries the unsent writes along instead. Use the handle at
-    /// once: statements run on it go before writes this writer queues after taking it.
-    pub(crate) async fn conn(&self) -> Result<&DatabaseTransaction, AppError> {
-        self.queue_deferred().await?;
-        self.send(None, true).await?;
-        self.count_send();
-        Ok(self.batch_tx())
+    /// Every row of `E` that `select` finds, as models, read in this writer's transaction
+    /// (after its unsent writes).
+    pub(crate) async fn models<E>(
+        &self,
+        select: sea_orm::Select<E>,
+    ) -> Result<Vec<E::Model>, AppError>
+    where
+        E: sea_orm::EntityTrait,
+        E::ActiveModel: sea_orm::TryIntoModel<E::Model>,
+    {
+        use sea_orm::QueryTrait;
+        let rows = self.query(select.build(self.backend)).await?;
+        rows.iter().map(Row::model::<E>).collect()
+    }
+
+    /// The first row of `E` that `select` finds (see [`WriteTx::models`]).
+    pub(crate) async fn model<E>(
+        &self,
+        select: sea_orm::Select<E>,
+    ) -> Result<Option<E::Model>, AppError>
+    where
+        E: sea_orm::EntityTrait,
+        E::ActiveModel: sea_orm::TryIntoModel<E::Model>,
+    {
+        use sea_orm::QuerySelect;
+        Ok(self.models(select.limit(1)).await?.into_iter().next())
     }
 
     /// Run a read (or a write with `RETURNING`) and return its rows, after this writer's unsent
     /// writes (and its savepoint, if this is the writer's first send): on SQLite in the same
     /// execution, on Postgres right after them.
-    pub(crate) async fn query(&self, stmt: Statement) -> Result<Vec<QueryResult>, AppError> {
+    pub(crate) async fn query(&self, stmt: Statement) -> Result<Vec<Row>, AppError> {
         self.queue_deferred().await?;
         self.send(Some(stmt), true).await
+    }
+
+    /// Tests: execute `sql` now, after this writer's unsent writes.
+    #[cfg(test)]
+    pub(crate) async fn run_now(&self, sql: &str) -> Result<(), AppError> {
+        self.queue_deferred().await?;
+        self.queue(Statement::from_string(self.backend, sql))
+            .await?;
+        self.send(None, true).await.map(|_| ())
     }
 
     /// Execute a write (insert, update, delete) built with sea-orm or sea-query. It is sent with
@@ -1116,8 +1163,8 @@ impl WriteTx {
         };
         let full = {
             let mut unsent = crate::sync::lock(&self.unsent);
-            unsent.push(&sql, values);
-            unsent.statements >= MAX_UNSENT
+            unsent.push(sql, values);
+            unsent.list.len() >= MAX_UNSENT
         };
         if full {
             self.send(None, false).await?;
@@ -1151,79 +1198,91 @@ impl WriteTx {
     }
 
     /// Send the unsent writes, followed by `then` if given (opening the savepoint first if it
-    /// is not yet); `then`'s rows. Nothing to send: no hand-over, unless `open` asks for the
-    /// savepoint to be opened all the same (before statements run outside this writer's sends).
-    /// On SQLite `then` goes in the same execution; on Postgres right after it (see
-    /// [`WriteTx`]).
-    async fn send(
-        &self,
-        then: Option<Statement>,
-        open: bool,
-    ) -> Result<Vec<QueryResult>, AppError> {
+    /// is not yet); `then`'s rows. Nothing to send: nothing done, unless `open` asks for the
+    /// savepoint to be opened all the same. On SQLite the holder executes them all; on
+    /// Postgres the writes go in one round trip and `then` in another (see [`WriteTx`]).
+    async fn send(&self, then: Option<Statement>, open: bool) -> Result<Vec<Row>, AppError> {
         self.usable()?;
-        let mut pending = {
-            let mut unsent = crate::sync::lock(&self.unsent);
-            std::mem::take(&mut *unsent)
-        };
+        let pending = std::mem::take(&mut *crate::sync::lock(&self.unsent));
         let sqlite = self.backend == DbBackend::Sqlite;
-        let mut read = None;
-        match then {
-            Some(then) if sqlite => pending.push(&then.sql, then.values),
-            then => read = then,
-        }
         let opening = !self.opened.load(Ordering::SeqCst);
         let mut batch = Unsent::default();
-        let mut begins = 0;
-        if opening && (open || read.is_some() || !pending.sql.is_empty()) {
+        let mut begin = false;
+        if opening && (open || then.is_some() || !pending.is_empty()) {
             self.opened.store(true, Ordering::SeqCst);
             // Before the savepoint, at the transaction's top level: a lock taken inside a
             // savepoint would go when a writer's changes are rolled back to it.
             if !sqlite && !self.batch().locked.swap(true, Ordering::SeqCst) {
-                batch.push(&pg_write_lock(), None);
+                batch.push(pg_write_lock(), None);
             }
-            // SQLite, the handle kept from the last batch: its transaction begins here. If this
-            // send fails, whether it began is known by the savepoint: the next user of the
-            // batch rolls back to it, and abandons the batch when it is not there.
-            // (Not counted as a writer's statement, as the `BEGIN` of a new handle is not.)
-            if sqlite && self.batch().needs_begin.swap(false, Ordering::SeqCst) {
-                batch.push("BEGIN", None);
-                begins = 1;
-            }
+            // SQLite: the batch's transaction begins with its first savepoint. If this send
+            // fails, whether it began is known by the savepoint: the next user of the batch
+            // rolls back to it, and abandons the batch when it is not there.
+            begin = sqlite && self.batch().needs_tx();
             batch.push(SAVEPOINT, None);
         }
-        self.count_statements(
-            batch.statements - begins + pending.statements + usize::from(read.is_some()),
-        );
-        if !pending.sql.is_empty() {
-            batch.push(&pending.sql, Some(sea_orm::Values(pending.values)));
+        self.count_statements(batch.list.len() + pending.list.len() + usize::from(then.is_some()));
+        batch.list.extend(pending.list);
+        if batch.is_empty() && then.is_none() {
+            return Ok(Vec::new());
         }
         // Marked failed until the send returns: a send that errs or is cancelled midway may
         // have applied only some of these writes.
         self.failed.store(true, Ordering::SeqCst);
-        let mut rows = Vec::new();
         let _timed = SendTimer(&self.batch().stats.send_ns, Instant::now());
-        if !batch.sql.is_empty() {
-            self.count_send();
-            tracing::trace!(target: "vm_workflow::store::sends", sql = %batch.sql, "send");
-            let tx = self.batch_tx();
-            if sqlite {
-                let stmt = Statement::from_sql_and_values(self.backend, batch.sql, batch.values);
-                rows = tx.query_all_raw(stmt).await.map_err(conflict_or)?;
-            } else {
-                debug_assert!(batch.values.is_empty(), "Postgres sends carry literals");
-                tx.execute_unprepared(&batch.sql)
-                    .await
-                    .map_err(conflict_or)?;
+        self.count_send();
+        let rows = match &self.batch().sqlite {
+            Some(w) => {
+                let mut w = crate::sync::lock(w);
+                if tracing::enabled!(target: "vm_workflow::store::sends", tracing::Level::TRACE) {
+                    let mut all = batch.joined();
+                    if let Some(then) = &then {
+                        all.push_str(";\n");
+                        all.push_str(&then.sql);
+                    }
+                    tracing::trace!(target: "vm_workflow::store::sends", sql = %all, "send");
+                }
+                if begin {
+                    w.begin()?;
+                }
+                for (sql, values) in &batch.list {
+                    w.run(sql, values).map_err(conflict)?;
+                }
+                match then {
+                    Some(then) => {
+                        let values = then.values.map(|v| v.0).unwrap_or_default();
+                        w.read(&then.sql, &values)
+                            .map_err(conflict)?
+                            .into_iter()
+                            .map(Row::Sqlite)
+                            .collect()
+                    }
+                    None => Vec::new(),
+                }
             }
-        }
-        if let Some(read) = read {
-            self.count_send();
-            rows = self
-                .batch_tx()
-                .query_all_raw(read)
-                .await
-                .map_err(conflict_or)?;
-        }
+            None => {
+                let tx = self.batch_tx();
+                if !batch.is_empty() {
+                    let sql = batch.joined();
+                    tracing::trace!(target: "vm_workflow::store::sends", sql = %sql, "send");
+                    tx.execute_unprepared(&sql).await.map_err(conflict_or)?;
+                }
+                match then {
+                    Some(read) => {
+                        if !batch.is_empty() {
+                            self.count_send();
+                        }
+                        tx.query_all_raw(read)
+                            .await
+                            .map_err(conflict_or)?
+                            .into_iter()
+                            .map(Row::Postgres)
+                            .collect()
+                    }
+                    None => Vec::new(),
+                }
+            }
+        };
         self.failed.store(false, Ordering::SeqCst);
         Ok(rows)
     }
@@ -1303,11 +1362,11 @@ impl WriteTx {
         let notify = self.backend == DbBackend::Postgres
             && self.appended > 0
             && !self.batch().notified.load(Ordering::SeqCst);
-        let wrote = !crate::sync::lock(&self.unsent).sql.is_empty();
+        let wrote = !crate::sync::lock(&self.unsent).is_empty();
         let opened = self.opened.load(Ordering::SeqCst);
         // SQLite, nothing left to send but the release, and this writer commits the batch: the
-        // release goes with the `COMMIT`, one hand-over instead of two (at low load, a turn
-        // that ends with a claim finding nothing).
+        // release goes with the `COMMIT` (at low load, a turn that ends with a claim finding
+        // nothing).
         let release_at_commit =
             !wrote && opened && self.backend == DbBackend::Sqlite && self.commits_the_batch();
         if release_at_commit {
@@ -1322,7 +1381,7 @@ impl WriteTx {
                 if notify {
                     let instance = &self.batch().feed.instance;
                     unsent.push(
-                        &format!("SELECT pg_notify('{PG_CHANNEL}', '{instance}')"),
+                        format!("SELECT pg_notify('{PG_CHANNEL}', '{instance}')"),
                         None,
                     );
                 }
@@ -1384,8 +1443,9 @@ impl Drop for WriteTx {
         }
         if guard.waiters.is_empty() {
             // Nothing of anyone's is in the batch: roll it back rather than leave it open
-            // (unless nothing is open: the handle kept from the last batch stays).
-            if !guard.needs_begin.load(Ordering::SeqCst) {
+            // (unless nothing is open: on SQLite nothing was begun since the last commit, whose
+            // log head stays right).
+            if !guard.needs_tx() {
                 guard.abandon();
             }
             return;
@@ -1515,17 +1575,25 @@ mod tests {
     async fn a_connection_sqlx_miscounts_is_not_used_again() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = probe_store(dir.path()).await;
-        let tx = store.writer.begin().await.expect("begin");
+        // One connection, so that every transaction below is begun on it unless it is discarded.
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("test.sqlite3").display()
+        );
+        let pool = Database::connect(connect_options(&url, 1))
+            .await
+            .expect("pool");
+        let tx = pool.begin().await.expect("begin");
         tx.execute_unprepared("COMMIT")
             .await
             .expect("ended under sqlx");
         drop(tx);
-        let tx = store.writer.begin().await.expect("begin");
+        let tx = pool.begin().await.expect("begin");
         tx.execute_unprepared("INSERT INTO probe VALUES ('rolled back')")
             .await
             .expect("insert");
         drop(tx);
-        let tx = store.writer.begin().await.expect("begin");
+        let tx = pool.begin().await.expect("begin");
         tx.execute_unprepared("INSERT INTO probe VALUES ('committed')")
             .await
             .expect("insert");
@@ -1593,35 +1661,27 @@ mod tests {
     /// A write turn of `sql`, run on the writer's transaction, then a commit or a drop.
     async fn write_by_hand(store: &Store, sql: &str, commit: bool) {
         let w = store.write().await.expect("writer");
-        w.conn()
-            .await
-            .expect("conn")
-            .execute_unprepared(sql)
-            .await
-            .expect("write by hand");
+        w.run_now(sql).await.expect("write by hand");
         if commit {
             w.commit().await.expect("commit");
         }
     }
 
-    /// SQLite: batches share the transaction handle kept from the last commit (see
-    /// `Batch::needs_begin`). A writer whose transaction SQLite rolled back under it (here by
-    /// hand, as SQLite does after some errors) and that then gives up abandons the batch; the
-    /// kept handle goes with it. Every batch after that still commits exactly its committed
-    /// writers: nothing of an abandoned writer is committed by a later batch, nothing committed
-    /// is lost. (With the handle given back to sqlx's pool and reused as it was, the writer
-    /// dropped after the abandoned batch was committed by the next one.)
+    /// SQLite: batches follow one another on the writer's connection. A writer whose
+    /// transaction SQLite rolled back under it (here by hand, as SQLite does after some errors)
+    /// and that then gives up abandons the batch. Every batch after that still commits exactly
+    /// its committed writers: nothing of an abandoned writer is committed by a later batch,
+    /// nothing committed is lost.
     #[tokio::test]
     async fn abandoned_batches_leave_nothing_to_the_next() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = probe_store(dir.path()).await;
         probe_write(&store, "a committed", true).await;
         let w = store.write().await.expect("writer");
-        let conn = w.conn().await.expect("conn");
-        conn.execute_unprepared("INSERT INTO probe VALUES ('b rolled back by SQLite')")
+        w.run_now("INSERT INTO probe VALUES ('b rolled back by SQLite')")
             .await
             .expect("insert");
-        conn.execute_unprepared("ROLLBACK")
+        w.run_now("ROLLBACK")
             .await
             .expect("rolled back under the writer");
         drop(w);
@@ -1653,6 +1713,39 @@ mod tests {
         );
     }
 
+    /// SQLite: a writer whose batch transaction SQLite rolled back under it (by hand here, as
+    /// SQLite does after some errors) cannot commit: its commit fails, nothing of it is
+    /// committed, and the next writer begins a new transaction.
+    #[tokio::test]
+    async fn a_writer_whose_transaction_sqlite_rolled_back_cannot_commit() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = probe_store(dir.path()).await;
+        let w = store.write().await.expect("writer");
+        w.run_now("INSERT INTO probe VALUES ('lost')")
+            .await
+            .expect("insert");
+        w.run_now("ROLLBACK")
+            .await
+            .expect("rolled back under the writer");
+        let committed = w.commit().await;
+        assert!(committed.is_err(), "{committed:?}");
+        probe_write(&store, "next", true).await;
+        assert_eq!(committed_probe_rows(&store).await, ["next"]);
+    }
+
+    /// SQLite: the writer's connection and the readers' must reach the same database, which an
+    /// in-memory one is not; the store refuses it with a clear error instead of losing writes.
+    #[tokio::test]
+    async fn an_in_memory_sqlite_database_is_refused() {
+        for url in ["sqlite::memory:", "sqlite://x.sqlite3?mode=memory"] {
+            let refused = Store::connect(url, 4).await.expect_err("refused");
+            assert!(
+                format!("{refused:?}").contains("in-memory SQLite database"),
+                "{url}: {refused:?}"
+            );
+        }
+    }
+
     /// On SQLite every write turn runs on the same connection, whatever the readers do: its
     /// page cache stays valid from one turn to the next (a connection's cache is dropped when
     /// another connection wrote). A temporary table lives on one connection only, so a turn
@@ -1662,10 +1755,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let store = test_store(dir.path()).await;
         let w = store.write().await.expect("writer");
-        w.conn()
-            .await
-            .expect("conn")
-            .execute_unprepared("CREATE TEMP TABLE writer_mark (x INTEGER)")
+        w.run_now("CREATE TEMP TABLE writer_mark (x INTEGER)")
             .await
             .expect("mark the writer's connection");
         w.commit().await.expect("commit");
@@ -1678,17 +1768,15 @@ mod tests {
                 .expect("readers");
             drop(readers);
             let w = store.write().await.expect("writer");
-            let seen = w
-                .conn()
-                .await
-                .expect("conn")
-                .query_one_raw(Statement::from_string(
+            let seen: Option<i64> = first_value(
+                &w.query(Statement::from_string(
                     DbBackend::Sqlite,
                     "SELECT COUNT(*) FROM temp.sqlite_master WHERE name = 'writer_mark'",
                 ))
                 .await
-                .expect("look")
-                .and_then(|r| r.try_get_by_index::<i64>(0).ok());
+                .expect("look"),
+            )
+            .expect("count");
             w.commit().await.expect("commit");
             assert_eq!(seen, Some(1), "write turn {turn} ran on another connection");
         }

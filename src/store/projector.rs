@@ -194,36 +194,55 @@ pub async fn load_run_state(
     else {
         return Ok(None);
     };
-    let stages = stage::Entity::find()
-        .filter(stage::Column::RunId.eq(run_id))
-        .order_by_asc(stage::Column::Position)
-        .all(conn)
-        .await?
-        .into_iter()
-        .map(stage_from_model)
-        .collect::<Result<_, _>>()?;
-    let approvals = approval::Entity::find()
-        .filter(approval::Column::RunId.eq(run_id))
-        .order_by_asc(approval::Column::CreatedSeq)
-        .all(conn)
-        .await?
-        .into_iter()
-        .map(approval_from_model)
-        .collect::<Result<_, _>>()?;
-    let tasks = task::Entity::find()
-        .filter(task::Column::RunId.eq(run_id))
-        .order_by_asc(task::Column::CreatedSeq)
-        .all(conn)
-        .await?
-        .into_iter()
-        .map(task_from_model)
-        .collect::<Result<_, _>>()?;
-    Ok(Some(RunState {
-        run: run_from_model(model)?,
-        stages,
-        approvals,
-        tasks,
-    }))
+    let (stages, approvals, tasks) = run_children(run_id);
+    let stages = stages.all(conn).await?;
+    let approvals = approvals.all(conn).await?;
+    let tasks = tasks.all(conn).await?;
+    run_state_from_models(model, stages, approvals, tasks).map(Some)
+}
+
+/// The selects of a run's stages, approvals and tasks, in their order.
+fn run_children(
+    run_id: &str,
+) -> (
+    sea_orm::Select<stage::Entity>,
+    sea_orm::Select<approval::Entity>,
+    sea_orm::Select<task::Entity>,
+) {
+    (
+        stage::Entity::find()
+            .filter(stage::Column::RunId.eq(run_id))
+            .order_by_asc(stage::Column::Position),
+        approval::Entity::find()
+            .filter(approval::Column::RunId.eq(run_id))
+            .order_by_asc(approval::Column::CreatedSeq),
+        task::Entity::find()
+            .filter(task::Column::RunId.eq(run_id))
+            .order_by_asc(task::Column::CreatedSeq),
+    )
+}
+
+fn run_state_from_models(
+    run: run::Model,
+    stages: Vec<stage::Model>,
+    approvals: Vec<approval::Model>,
+    tasks: Vec<task::Model>,
+) -> Result<RunState, AppError> {
+    Ok(RunState {
+        run: run_from_model(run)?,
+        stages: stages
+            .into_iter()
+            .map(stage_from_model)
+            .collect::<Result<_, _>>()?,
+        approvals: approvals
+            .into_iter()
+            .map(approval_from_model)
+            .collect::<Result<_, _>>()?,
+        tasks: tasks
+            .into_iter()
+            .map(task_from_model)
+            .collect::<Result<_, _>>()?,
+    })
 }
 
 async fn insert_row<A: ActiveModelTrait>(w: &WriteTx, row: A) -> Result<(), AppError> {
@@ -746,8 +765,8 @@ async fn apply_workspace(w: &WriteTx, ev: &StoredEvent) -> Result<(), AppError> 
         DomainEvent::ThreadRenamed { thread_id, .. }
         | DomainEvent::ThreadModeAdded { thread_id, .. }
         | DomainEvent::ThreadModeRemoved { thread_id, .. } => {
-            let Some(current) = thread::Entity::find_by_id(thread_id.clone())
-                .one(w.conn().await?)
+            let Some(current) = w
+                .model(thread::Entity::find_by_id(thread_id.clone()))
                 .await?
             else {
                 return Err(AppError::internal(anyhow::anyhow!(
@@ -820,7 +839,7 @@ pub async fn project(
             body => {
                 if state.is_none() {
                     let run_id = ev.run_id.as_deref().unwrap_or_default();
-                    state = load_run_state(w.conn().await?, run_id).await?;
+                    state = w.load_run_state(run_id).await?;
                     before = state.clone();
                 }
                 let Some(s) = state.as_mut() else {
@@ -898,8 +917,19 @@ impl WriteTx {
         super::first_value(&self.query(read).await?)
     }
 
+    /// The run's state as this writer's transaction sees it (None if there is no such run).
     pub async fn load_run_state(&self, run_id: &str) -> Result<Option<RunState>, AppError> {
-        load_run_state(self.conn().await?, run_id).await
+        let Some(model) = self
+            .model(run::Entity::find_by_id(run_id.to_string()))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let (stages, approvals, tasks) = run_children(run_id);
+        let stages = self.models(stages).await?;
+        let approvals = self.models(approvals).await?;
+        let tasks = self.models(tasks).await?;
+        run_state_from_models(model, stages, approvals, tasks).map(Some)
     }
 
     /// The run's state, or `NOT_FOUND`.

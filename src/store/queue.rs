@@ -161,8 +161,8 @@ impl WriteTx {
         let Some(row) = rows.first() else {
             return Ok(None);
         };
-        let run_id: String = row.try_get_by_index(0)?;
-        let version: Option<i64> = row.try_get_by_index(1)?;
+        let run_id: String = row.get(0)?;
+        let version: Option<i64> = row.get(1)?;
         Ok(Some((run_id, version)))
     }
 }

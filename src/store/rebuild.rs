@@ -3,25 +3,28 @@
 use super::entities::{
     approval, artifact, brand, project, run, run_queue, stage, task, thread, timeline_item,
 };
-use super::{event_log, projector, EventFilter, Store};
+use super::{event_log, projector, EventFilter, Store, WriteTx};
 use crate::domain::events::StoredEvent;
 use crate::error::AppError;
-use sea_orm::{ConnectionTrait, EntityTrait, QueryOrder};
+use sea_orm::{EntityTrait, QueryOrder, QueryTrait};
 use std::collections::BTreeMap;
 
 const BATCH: u64 = 2_000;
 
-async fn clear(conn: &impl ConnectionTrait) -> Result<(), AppError> {
+async fn clear(w: &WriteTx) -> Result<(), AppError> {
     // Children before parents (foreign keys). The timeline is a view over the log.
-    run_queue::Entity::delete_many().exec(conn).await?;
-    artifact::Entity::delete_many().exec(conn).await?;
-    task::Entity::delete_many().exec(conn).await?;
-    approval::Entity::delete_many().exec(conn).await?;
-    stage::Entity::delete_many().exec(conn).await?;
-    run::Entity::delete_many().exec(conn).await?;
-    thread::Entity::delete_many().exec(conn).await?;
-    project::Entity::delete_many().exec(conn).await?;
-    brand::Entity::delete_many().exec(conn).await?;
+    w.exec(&run_queue::Entity::delete_many().into_query())
+        .await?;
+    w.exec(&artifact::Entity::delete_many().into_query())
+        .await?;
+    w.exec(&task::Entity::delete_many().into_query()).await?;
+    w.exec(&approval::Entity::delete_many().into_query())
+        .await?;
+    w.exec(&stage::Entity::delete_many().into_query()).await?;
+    w.exec(&run::Entity::delete_many().into_query()).await?;
+    w.exec(&thread::Entity::delete_many().into_query()).await?;
+    w.exec(&project::Entity::delete_many().into_query()).await?;
+    w.exec(&brand::Entity::delete_many().into_query()).await?;
     Ok(())
 }
 
@@ -30,13 +33,20 @@ impl Store {
     /// Runs in one transaction: a failure leaves the previous read models in place.
     pub async fn rebuild_projections(&self) -> Result<u64, AppError> {
         let w = self.write().await?;
-        clear(w.conn().await?).await?;
+        clear(&w).await?;
         let mut after = 0;
         let mut count = 0u64;
         loop {
-            let events =
-                event_log::read_after(w.conn().await?, after, &EventFilter::default(), BATCH)
-                    .await?;
+            let events = w
+                .models(event_log::select_after(
+                    after,
+                    &EventFilter::default(),
+                    BATCH,
+                ))
+                .await?
+                .into_iter()
+                .map(event_log::to_stored)
+                .collect::<Result<Vec<_>, _>>()?;
             let Some(last) = events.last() else { break };
             after = last.sequence;
             count += events.len() as u64;

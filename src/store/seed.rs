@@ -11,7 +11,7 @@
 
 use super::entities::{artifact, thread};
 use super::projector::{approval_to_model, run_to_model, stage_to_model, task_to_model};
-use super::{event_log, Store, ThreadRow};
+use super::{event_log, Store, ThreadRow, WriteTx};
 use crate::domain::events::{Actor, ArtifactMeta, DomainEvent, StoredEvent};
 use crate::domain::profiles::PlanSnapshot;
 use crate::domain::run::{RunState, RunStatus, Step};
@@ -19,7 +19,7 @@ use crate::domain::{ids, time};
 use crate::error::AppError;
 use crate::runner::StageContext;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter, Set,
+    ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryTrait, Set,
 };
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -182,7 +182,7 @@ fn foundation_artifacts(state: &RunState, stage_key: &str, attempt: u32) -> Vec<
         .collect()
 }
 
-async fn insert_chunked<A, E>(conn: &impl ConnectionTrait, rows: Vec<A>) -> Result<(), AppError>
+async fn insert_chunked<A, E>(w: &WriteTx, rows: Vec<A>) -> Result<(), AppError>
 where
     A: sea_orm::ActiveModelTrait<Entity = E> + Send,
     E: EntityTrait,
@@ -190,7 +190,7 @@ where
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
         let chunk: Vec<A> = rows.by_ref().take(ROWS_PER_INSERT).collect();
-        E::insert_many(chunk).exec_without_returning(conn).await?;
+        w.exec(&E::insert_many(chunk).into_query()).await?;
     }
     Ok(())
 }
@@ -227,7 +227,7 @@ impl Store {
                 histories.push(h);
             }
             let n_runs = histories.len() as u64;
-            write_histories(w.conn().await?, histories).await?;
+            write_histories(&w, histories).await?;
             w.appended_up_to(head + events_in_tx as i64, events_in_tx as usize);
             w.commit().await?;
             report.runs += n_runs;
@@ -238,10 +238,7 @@ impl Store {
     }
 }
 
-async fn write_histories(
-    conn: &impl ConnectionTrait,
-    histories: Vec<RunHistory>,
-) -> Result<(), AppError> {
+async fn write_histories(w: &WriteTx, histories: Vec<RunHistory>) -> Result<(), AppError> {
     let mut events = Vec::new();
     let mut runs = Vec::new();
     let mut stages = Vec::new();
@@ -292,21 +289,23 @@ async fn write_histories(
                 }),
         );
     }
-    insert_chunked(conn, events).await?;
-    insert_chunked(conn, runs).await?;
-    insert_chunked(conn, stages).await?;
-    insert_chunked(conn, approvals).await?;
-    insert_chunked(conn, tasks).await?;
-    insert_chunked(conn, artifacts).await?;
+    insert_chunked(w, events).await?;
+    insert_chunked(w, runs).await?;
+    insert_chunked(w, stages).await?;
+    insert_chunked(w, approvals).await?;
+    insert_chunked(w, tasks).await?;
+    insert_chunked(w, artifacts).await?;
     for (thread_id, at) in last_activity {
-        thread::Entity::update_many()
-            .col_expr(
-                thread::Column::LastActivityAt,
-                sea_orm::sea_query::Expr::value(at),
-            )
-            .filter(thread::Column::Id.eq(thread_id))
-            .exec(conn)
-            .await?;
+        w.exec(
+            &thread::Entity::update_many()
+                .col_expr(
+                    thread::Column::LastActivityAt,
+                    sea_orm::sea_query::Expr::value(at),
+                )
+                .filter(thread::Column::Id.eq(thread_id))
+                .into_query(),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -410,6 +409,58 @@ mod tests {
             assert!(report.events >= 14_000, "{report:?}");
         }
         assert!(store.head_sequence().await.expect("head") >= 28_000);
+    }
+
+    /// A writer reads whole rows by position (on SQLite through its own connection, see
+    /// `store::write_rows`): every table's models read in a write turn equal the readers'
+    /// (sea-orm's own mapping by column name), text, integers, booleans, floats and NULLs.
+    #[tokio::test]
+    async fn a_writer_reads_every_model_as_the_readers_do() {
+        use super::super::entities::{
+            approval, artifact, brand, event, project, run, stage, task, thread, timeline_item,
+        };
+        use sea_orm::{EntityTrait, QueryOrder};
+        let dir = tempfile::tempdir().expect("tmp");
+        let (services, plan) = seeding(dir.path()).await;
+        let threads = create_workspace(&services, 2).await.expect("workspace");
+        let store = &services.store;
+        store
+            .seed_completed_runs(&plan, &threads, 120, 2, |_| {})
+            .await
+            .expect("seed");
+        let w = store.write().await.expect("writer");
+        macro_rules! same {
+            ($entity:ident, $($order:expr),+) => {{
+                let read = || $entity::Entity::find()$(.order_by_asc($order))+;
+                let written = w.models(read()).await.expect("writer's read");
+                let seen = read().all(store.conn()).await.expect("reader's read");
+                assert!(!seen.is_empty(), "{}: no rows to compare", stringify!($entity));
+                assert_eq!(written, seen, "{}", stringify!($entity));
+                let first = w.model(read()).await.expect("one row");
+                assert_eq!(first.as_ref(), seen.first(), "{}", stringify!($entity));
+            }};
+        }
+        same!(brand, brand::Column::Id);
+        same!(project, project::Column::Id);
+        same!(thread, thread::Column::Id);
+        same!(event, event::Column::Sequence);
+        same!(timeline_item, timeline_item::Column::Sequence);
+        same!(run, run::Column::Id);
+        same!(stage, stage::Column::RunId, stage::Column::Position);
+        same!(approval, approval::Column::Id);
+        same!(task, task::Column::Id);
+        same!(
+            artifact,
+            artifact::Column::RunId,
+            artifact::Column::StageKey,
+            artifact::Column::Path
+        );
+        let nothing = w
+            .model(run::Entity::find_by_id("run-none".to_string()))
+            .await
+            .expect("no row");
+        assert_eq!(nothing, None);
+        w.commit().await.expect("commit");
     }
 
     #[tokio::test]
