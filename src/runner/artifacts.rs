@@ -1,5 +1,7 @@
 //! Run files under `<data>/runs/<run_id>/`: plan.json, run.json and per-stage directories
-//! `stages/<NN>-<key>/{input.json, output.json, attempts/<n>.json, artifacts/<path>, manifest.json}`.
+//! `stages/<NN>-<key>/{input.json, output.json, artifacts/<path>, manifest.json}`, and
+//! `attempts/<n>.json` for each failed attempt (a completed one is recorded by its output.json and
+//! manifest.json, which hold its number, status and times).
 //! Every file is written to a temporary sibling and renamed; the manifest is written last.
 
 use super::{StageContext, StageError, StageOutput};
@@ -222,7 +224,6 @@ impl ArtifactStore {
                 size: content.len() as i64,
             });
         }
-        self.write_attempt(ctx, "completed", None, started_at)?;
         write_json(
             &dir.join("manifest.json"),
             &json!({
@@ -245,7 +246,7 @@ impl ArtifactStore {
         Ok(metas)
     }
 
-    /// Record one attempt (failed ones too) under `attempts/<n>.json`.
+    /// Record a failed attempt under `attempts/<n>.json`.
     pub fn write_attempt(
         &self,
         ctx: &StageContext,

@@ -72,6 +72,20 @@ async fn a_retryable_failure_is_retried(backend: Backend) {
         .expect("json");
     assert_eq!(rec["status"], "failed");
     assert_eq!(rec["errorCode"], "STAGE_EXECUTION_ERROR");
+    // The completed attempt is recorded by the stage's output and manifest, not in `attempts/`.
+    let stage_dir = app
+        .data_dir
+        .join("runs")
+        .join(&id)
+        .join("stages/01-research");
+    assert!(!stage_dir.join("attempts/002.json").exists());
+    for file in ["output.json", "manifest.json"] {
+        let rec: Value =
+            serde_json::from_str(&std::fs::read_to_string(stage_dir.join(file)).expect(file))
+                .expect("json");
+        assert_eq!(rec["attempt"], 2, "{file}");
+        assert!(rec["finishedAt"].is_string(), "{file}");
+    }
 }
 
 async fn retries_stop_at_max_attempts_and_keep_completed_stages(backend: Backend) {
