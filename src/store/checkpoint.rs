@@ -138,7 +138,7 @@ impl Checkpoints {
     /// `may_take_turn`), another one in a write turn. Returns what it did and the log's length.
     async fn pass(&self, limit: i64, may_take_turn: bool) -> Result<(Pass, i64), sqlx::Error> {
         // A connection of its own, held throughout: the write turn below must not wait for one
-        // (the store keeps at least two, so the writer whose turn it is finds another).
+        // (the store keeps at least two pool connections, so the readers find another).
         let mut conn = self.db.get_sqlite_connection_pool().acquire().await?;
         let Some((log, _)) = passive(&mut conn).await? else {
             return Ok((Pass::Short, 0));

@@ -5,9 +5,9 @@
 //! in a savepoint of a shared transaction that commits once for a burst of writers (group
 //! commit, see [`Batch`]). Appends number events with `MAX(sequence) + 1` inside that critical
 //! section, so the global sequence is gap-free and equals commit order on both backends. A
-//! writer's writes are sent together, as one multi-statement execution, before its next read and
-//! before its commit: on SQLite one hand-over to sqlx's SQLite thread instead of one per write,
-//! on Postgres one round trip (see [`WriteTx`]).
+//! writer's writes are sent together, before its next read and before its commit: on SQLite
+//! executed by the turn's holder on the batch's own connection ([`sqlite_writer`]), on Postgres
+//! one round trip (see [`WriteTx`]).
 
 mod checkpoint;
 mod entities;
@@ -342,6 +342,15 @@ impl Batch {
             return Ok(());
         }
         let rolled_back = match (&self.sqlite, self.tx.as_ref()) {
+            // The writer's `BEGIN` failed: nothing of it, nor of anyone's, is open.
+            (Some(w), _)
+                if {
+                    let w = crate::sync::lock(w);
+                    !w.began() && !w.in_transaction()
+                } =>
+            {
+                Ok(())
+            }
             (Some(w), _) => {
                 let mut w = crate::sync::lock(w);
                 w.run(ROLLBACK_TO, &[]).and_then(|()| w.run(RELEASE, &[]))
@@ -539,8 +548,8 @@ impl Store {
                 );
             }
         }
-        // SQLite: the checkpoint task holds a connection while it waits for a write turn, and
-        // the writer whose turn it is needs another one (see `checkpoint`).
+        // SQLite: the checkpoint task holds a pool connection while it waits for a write turn,
+        // and the readers need another one meanwhile (see `checkpoint`).
         let least = if url.starts_with("sqlite:") { 2 } else { 1 };
         let db = Database::connect(connect_options(url, max_connections.max(least)))
             .await
@@ -1100,8 +1109,8 @@ impl WriteTx {
     }
 
     /// Run a read (or a write with `RETURNING`) and return its rows, after this writer's unsent
-    /// writes (and its savepoint, if this is the writer's first send): on SQLite in the same
-    /// execution, on Postgres right after them.
+    /// writes (and its savepoint, if this is the writer's first send): on SQLite executed right
+    /// after them by the turn's holder, on Postgres in a round trip after theirs.
     pub(crate) async fn query(&self, stmt: Statement) -> Result<Vec<Row>, AppError> {
         self.queue_deferred().await?;
         self.send(Some(stmt), true).await
@@ -1263,6 +1272,10 @@ impl WriteTx {
             None => {
                 let tx = self.batch_tx();
                 if !batch.is_empty() {
+                    debug_assert!(
+                        batch.list.iter().all(|(_, v)| v.is_empty()),
+                        "Postgres sends carry literals"
+                    );
                     let sql = batch.joined();
                     tracing::trace!(target: "vm_workflow::store::sends", sql = %sql, "send");
                     tx.execute_unprepared(&sql).await.map_err(conflict_or)?;

@@ -9,7 +9,10 @@
 //!
 //! The connection lives in the write batch and is used only by the holder of its turn (the
 //! mutex around it is never contended). A call blocks its tokio worker for as long as SQLite
-//! works, tens of microseconds for a writer's statements, longer for a `COMMIT` that syncs.
+//! works: tens of microseconds for a writer's statements (a `COMMIT` does not sync the WAL at
+//! `synchronous = NORMAL`; the checkpoint task does, on a pool connection), longer for the
+//! seeder's and a rebuild's large turns, and up to the busy timeout when another process holds
+//! the database file's write lock (it has no reason to: one server per SQLite file).
 
 use crate::error::AppError;
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
@@ -85,6 +88,12 @@ impl SqliteWriter {
     }
 
     pub(crate) fn begin(&mut self) -> Result<(), AppError> {
+        if self.in_transaction() {
+            // A `ROLLBACK` of ours failed earlier (see `commit` and `rollback`): whatever is
+            // open belongs to no writer any more.
+            tracing::warn!("a transaction was left open on the SQLite writer; rolling it back");
+            self.conn.execute_batch("ROLLBACK").map_err(internal)?;
+        }
         self.run("BEGIN", &[])?;
         self.began = true;
         Ok(())
@@ -127,20 +136,32 @@ impl SqliteWriter {
 
     /// Execute one statement and return its rows.
     pub(crate) fn read(&mut self, sql: &str, values: &[Value]) -> Result<Vec<SqliteRow>, AppError> {
-        let mut stmt = self.conn.prepare_cached(sql).map_err(sql_error)?;
-        bind(&mut stmt, values)?;
-        let columns = stmt.column_count();
-        let mut rows = stmt.raw_query();
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(sql_error)? {
-            let mut values = Vec::with_capacity(columns);
-            for i in 0..columns {
-                values.push(row.get::<_, SqlValue>(i).map_err(sql_error)?);
-            }
-            out.push(values);
+        if sql.len() > CACHED_TEXT_MAX {
+            let mut stmt = self.conn.prepare(sql).map_err(sql_error)?;
+            return collect_rows(&mut stmt, values);
         }
-        Ok(out)
+        let mut stmt = self.conn.prepare_cached(sql).map_err(sql_error)?;
+        collect_rows(&mut stmt, values)
     }
+}
+
+/// Run `stmt` with `values` bound and return its rows.
+fn collect_rows(
+    stmt: &mut rusqlite::Statement<'_>,
+    values: &[Value],
+) -> Result<Vec<SqliteRow>, AppError> {
+    bind(stmt, values)?;
+    let columns = stmt.column_count();
+    let mut rows = stmt.raw_query();
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(sql_error)? {
+        let mut values = Vec::with_capacity(columns);
+        for i in 0..columns {
+            values.push(row.get::<_, SqlValue>(i).map_err(sql_error)?);
+        }
+        out.push(values);
+    }
+    Ok(out)
 }
 
 /// Bind `values` to `stmt`'s parameters, in order.
@@ -203,4 +224,35 @@ fn sql_error(e: rusqlite::Error) -> AppError {
 
 fn internal(e: rusqlite::Error) -> AppError {
     AppError::internal(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transaction left open on the connection without our bookkeeping (a `ROLLBACK` of ours
+    /// that failed) is rolled back by the next `begin`, which then works: writes are not stuck
+    /// behind "cannot start a transaction within a transaction", and what was left open is not
+    /// committed by the next batch.
+    #[test]
+    fn begin_rolls_back_a_transaction_left_open() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut w = SqliteWriter::open(&dir.path().join("w.sqlite3"), 1 << 20).expect("open");
+        w.run("CREATE TABLE t (x TEXT NOT NULL UNIQUE)", &[])
+            .expect("table");
+        // Left open behind the writer's back.
+        w.conn
+            .execute_batch("BEGIN; INSERT INTO t VALUES ('orphan')")
+            .expect("orphan");
+        assert!(w.in_transaction() && !w.began());
+        w.begin().expect("begin after an orphan transaction");
+        w.run("INSERT INTO t VALUES (?)", &[Value::from("kept")])
+            .expect("insert");
+        let again = w.run("INSERT INTO t VALUES (?)", &[Value::from("kept")]);
+        assert!(matches!(again, Err(AppError::Conflict(_))), "{again:?}");
+        w.commit().expect("commit");
+        assert!(!w.in_transaction() && !w.began());
+        let rows = w.read("SELECT x FROM t ORDER BY x", &[]).expect("read");
+        assert_eq!(rows, vec![vec![SqlValue::Text("kept".into())]]);
+    }
 }

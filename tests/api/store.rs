@@ -758,10 +758,10 @@ async fn approve_on_stale_copy(app: &TestApp, stale: &RunState, gate: &RunState)
 
 /// A writer's statements go to the database together: its writes wait for its next read or its
 /// commit, and its savepoint is opened by its first send and released by its last, so a writer
-/// that only writes is one hand-over to SQLite's thread or one round trip to Postgres. On SQLite
-/// the read goes in the same execution as the writes before it; on Postgres (whose
-/// multi-statement messages bind no parameters) it follows them. Either way a conflict among
-/// them rolls back all of the writer's changes.
+/// that only writes is one send: on SQLite its statements executed by the turn's holder, on
+/// Postgres one round trip. On SQLite the read runs right after the writes before it; on
+/// Postgres (whose multi-statement messages bind no parameters) it follows them in a round trip
+/// of its own. Either way a conflict among them rolls back all of the writer's changes.
 async fn a_writers_writes_go_together(backend: Backend) {
     let mut opts = Options::new(backend);
     opts.workers = 0;
