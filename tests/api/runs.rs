@@ -95,9 +95,9 @@ async fn any_mode_falls_back_to_foundation_and_completes_on_approvals(backend: B
     assert_eq!(run_json["manifestPaths"].as_array().expect("m").len(), 4);
     let tmp_files = walk(&app.data_dir.join("runs"))
         .into_iter()
-        .filter(|p| p.ends_with(".tmp"))
+        .filter(|p| p.ends_with(".tmp") || p.ends_with(".run.json.spare"))
         .count();
-    assert_eq!(tmp_files, 0);
+    assert_eq!(tmp_files, 0, "temporary or spare files left behind");
 
     let types = app.event_types(&id).await;
     assert_eq!(
