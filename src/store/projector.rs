@@ -183,6 +183,17 @@ pub(super) fn task_from_model(m: task::Model) -> Result<Task, AppError> {
     })
 }
 
+/// The thread's last activity set to `at` (a run queued on it).
+pub(crate) fn touch_thread(thread_id: String, at: String) -> UpdateStatement {
+    thread::Entity::update_many()
+        .col_expr(
+            thread::Column::LastActivityAt,
+            sea_orm::sea_query::Expr::value(at),
+        )
+        .filter(thread::Column::Id.eq(thread_id))
+        .into_query()
+}
+
 /// Load a run with its stages, approvals and tasks.
 pub async fn load_run_state(
     conn: &impl ConnectionTrait,
@@ -373,17 +384,7 @@ impl Deferred {
             out.push(insert_rows(backend, events));
         }
         for (thread_id, at) in std::mem::take(&mut self.touched) {
-            out.push(
-                backend.build(
-                    &thread::Entity::update_many()
-                        .col_expr(
-                            thread::Column::LastActivityAt,
-                            sea_orm::sea_query::Expr::value(at),
-                        )
-                        .filter(thread::Column::Id.eq(thread_id))
-                        .into_query(),
-                ),
-            );
+            out.push(backend.build(&touch_thread(thread_id, at)));
         }
         for change in std::mem::take(&mut self.runs) {
             run_rows(&change, backend, &mut out)?;

@@ -9,7 +9,7 @@
 //! state (what projecting its events one command at a time ends with; the unit test below checks
 //! that `rebuild-projections` reproduces them exactly). Artifact files are not written to disk.
 
-use super::entities::{artifact, thread};
+use super::entities::artifact;
 use super::projector::{approval_to_model, run_to_model, stage_to_model, task_to_model};
 use super::{event_log, Store, ThreadRow, WriteTx};
 use crate::domain::events::{Actor, ArtifactMeta, DomainEvent, StoredEvent};
@@ -18,9 +18,7 @@ use crate::domain::run::{RunState, RunStatus, Step};
 use crate::domain::{ids, time};
 use crate::error::AppError;
 use crate::runner::StageContext;
-use sea_orm::{
-    ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryTrait, Set,
-};
+use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, QueryTrait, Set};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
@@ -296,16 +294,8 @@ async fn write_histories(w: &WriteTx, histories: Vec<RunHistory>) -> Result<(), 
     insert_chunked(w, tasks).await?;
     insert_chunked(w, artifacts).await?;
     for (thread_id, at) in last_activity {
-        w.exec(
-            &thread::Entity::update_many()
-                .col_expr(
-                    thread::Column::LastActivityAt,
-                    sea_orm::sea_query::Expr::value(at),
-                )
-                .filter(thread::Column::Id.eq(thread_id))
-                .into_query(),
-        )
-        .await?;
+        w.exec(&super::projector::touch_thread(thread_id, at))
+            .await?;
     }
     Ok(())
 }
