@@ -86,18 +86,22 @@ const RUN_JSON_SPARE: &str = ".run.json.spare";
 /// again, the new state is written into a spare file that is then exchanged with run.json
 /// (`renameat2` with `RENAME_EXCHANGE`): the old run.json becomes the next spare, nothing is
 /// freed. The last write (`last`: the run has ended) renames the spare over run.json and leaves
-/// no spare behind. Where the exchange is not supported, a plain rename.
+/// no spare behind. Where the exchange is not supported, or there is no run.json yet (the first
+/// write), a plain rename.
 fn replace_run_json(path: &Path, bytes: &[u8], last: bool) -> std::io::Result<()> {
     use std::io::Write;
-    if !path.exists() {
-        return write_atomic(path, bytes);
-    }
     let spare = path.with_file_name(RUN_JSON_SPARE);
-    let mut file = std::fs::OpenOptions::new()
+    let opened = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&spare)?;
+        .open(&spare);
+    let mut file = match opened {
+        Ok(file) => file,
+        // No run directory yet.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return write_atomic(path, bytes),
+        Err(e) => return Err(e),
+    };
     // Written over in place, then cut to length: within its one block, nothing is freed.
     file.write_all(bytes)?;
     file.set_len(bytes.len() as u64)?;

@@ -342,18 +342,14 @@ impl Batch {
             return Ok(());
         }
         let rolled_back = match (&self.sqlite, self.tx.as_ref()) {
-            // The writer's `BEGIN` failed: nothing of it, nor of anyone's, is open.
-            (Some(w), _)
-                if {
-                    let w = crate::sync::lock(w);
-                    !w.began() && !w.in_transaction()
-                } =>
-            {
-                Ok(())
-            }
             (Some(w), _) => {
                 let mut w = crate::sync::lock(w);
-                w.run(ROLLBACK_TO, &[]).and_then(|()| w.run(RELEASE, &[]))
+                if !w.began() && !w.in_transaction() {
+                    // The writer's `BEGIN` failed: nothing of it, nor of anyone's, is open.
+                    Ok(())
+                } else {
+                    w.run(ROLLBACK_TO, &[]).and_then(|()| w.run(RELEASE, &[]))
+                }
             }
             (None, Some(tx)) => tx
                 .execute_unprepared(&format!("{ROLLBACK_TO}; {RELEASE}"))
@@ -1241,34 +1237,7 @@ impl WriteTx {
         let _timed = SendTimer(&self.batch().stats.send_ns, Instant::now());
         self.count_send();
         let rows = match &self.batch().sqlite {
-            Some(w) => {
-                let mut w = crate::sync::lock(w);
-                if tracing::enabled!(target: "vm_workflow::store::sends", tracing::Level::TRACE) {
-                    let mut all = batch.joined();
-                    if let Some(then) = &then {
-                        all.push_str(";\n");
-                        all.push_str(&then.sql);
-                    }
-                    tracing::trace!(target: "vm_workflow::store::sends", sql = %all, "send");
-                }
-                if begin {
-                    w.begin()?;
-                }
-                for (sql, values) in &batch.list {
-                    w.run(sql, values).map_err(conflict)?;
-                }
-                match then {
-                    Some(then) => {
-                        let values = then.values.map(|v| v.0).unwrap_or_default();
-                        w.read(&then.sql, &values)
-                            .map_err(conflict)?
-                            .into_iter()
-                            .map(Row::Sqlite)
-                            .collect()
-                    }
-                    None => Vec::new(),
-                }
-            }
+            Some(w) => send_sqlite(&mut crate::sync::lock(w), begin, batch, then)?,
             None => {
                 let tx = self.batch_tx();
                 if !batch.is_empty() {
@@ -1423,6 +1392,39 @@ impl WriteTx {
             ))),
         }
     }
+}
+
+/// SQLite: a writer's send, executed here: the batch's `BEGIN` if `begin`, the statements of
+/// `batch` in order, then `then`, whose rows are returned.
+fn send_sqlite(
+    w: &mut SqliteWriter,
+    begin: bool,
+    batch: Unsent,
+    then: Option<Statement>,
+) -> Result<Vec<Row>, AppError> {
+    if tracing::enabled!(target: "vm_workflow::store::sends", tracing::Level::TRACE) {
+        let mut all = batch.joined();
+        if let Some(then) = &then {
+            all.push_str(";\n");
+            all.push_str(&then.sql);
+        }
+        tracing::trace!(target: "vm_workflow::store::sends", sql = %all, "send");
+    }
+    if begin {
+        w.begin()?;
+    }
+    for (sql, values) in &batch.list {
+        w.run(sql, values).map_err(conflict)?;
+    }
+    let Some(then) = then else {
+        return Ok(Vec::new());
+    };
+    let values = then.values.map(|v| v.0).unwrap_or_default();
+    Ok(w.read(&then.sql, &values)
+        .map_err(conflict)?
+        .into_iter()
+        .map(Row::Sqlite)
+        .collect())
 }
 
 /// Whether a writer that leaves the batch now commits it: nobody else waits for a turn, or the

@@ -92,7 +92,7 @@ impl SqliteWriter {
             // A `ROLLBACK` of ours failed earlier (see `commit` and `rollback`): whatever is
             // open belongs to no writer any more.
             tracing::warn!("a transaction was left open on the SQLite writer; rolling it back");
-            self.conn.execute_batch("ROLLBACK").map_err(internal)?;
+            self.roll_back_open().map_err(internal)?;
         }
         self.run("BEGIN", &[])?;
         self.began = true;
@@ -104,8 +104,8 @@ impl SqliteWriter {
     pub(crate) fn commit(&mut self) -> Result<(), AppError> {
         self.began = false;
         let committed = self.run("COMMIT", &[]);
-        if committed.is_err() && self.in_transaction() {
-            let _ = self.conn.execute_batch("ROLLBACK");
+        if committed.is_err() {
+            let _ = self.roll_back_open();
         }
         committed
     }
@@ -113,53 +113,60 @@ impl SqliteWriter {
     /// Roll back whatever is open (nothing to do when nothing is).
     pub(crate) fn rollback(&mut self) {
         self.began = false;
-        if self.in_transaction() {
-            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
-                tracing::error!(error = %e, "rolling the write batch back failed");
-            }
+        if let Err(e) = self.roll_back_open() {
+            tracing::error!(error = %e, "rolling the write batch back failed");
         }
     }
 
-    /// Execute one statement that returns no rows, with its values bound in order.
-    pub(crate) fn run(&mut self, sql: &str, values: &[Value]) -> Result<(), AppError> {
-        if sql.len() > CACHED_TEXT_MAX {
-            let mut stmt = self.conn.prepare(sql).map_err(sql_error)?;
-            bind(&mut stmt, values)?;
-            stmt.raw_execute().map_err(sql_error)?;
-        } else {
-            let mut stmt = self.conn.prepare_cached(sql).map_err(sql_error)?;
-            bind(&mut stmt, values)?;
-            stmt.raw_execute().map_err(sql_error)?;
+    /// `ROLLBACK` if a transaction is open.
+    fn roll_back_open(&mut self) -> rusqlite::Result<()> {
+        if self.in_transaction() {
+            self.conn.execute_batch("ROLLBACK")?;
         }
         Ok(())
     }
 
+    /// Execute one statement that returns no rows, with its values bound in order.
+    pub(crate) fn run(&mut self, sql: &str, values: &[Value]) -> Result<(), AppError> {
+        self.with_bound(sql, values, |stmt| stmt.raw_execute().map(|_| ()))
+    }
+
     /// Execute one statement and return its rows.
     pub(crate) fn read(&mut self, sql: &str, values: &[Value]) -> Result<Vec<SqliteRow>, AppError> {
+        self.with_bound(sql, values, collect_rows)
+    }
+
+    /// Prepare `sql` (kept in the statement cache unless longer than [`CACHED_TEXT_MAX`]), bind
+    /// `values` to it in order, and run `f` on it.
+    fn with_bound<T>(
+        &self,
+        sql: &str,
+        values: &[Value],
+        f: impl FnOnce(&mut rusqlite::Statement<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, AppError> {
         if sql.len() > CACHED_TEXT_MAX {
             let mut stmt = self.conn.prepare(sql).map_err(sql_error)?;
-            return collect_rows(&mut stmt, values);
+            bind(&mut stmt, values)?;
+            f(&mut stmt).map_err(sql_error)
+        } else {
+            let mut stmt = self.conn.prepare_cached(sql).map_err(sql_error)?;
+            bind(&mut stmt, values)?;
+            f(&mut stmt).map_err(sql_error)
         }
-        let mut stmt = self.conn.prepare_cached(sql).map_err(sql_error)?;
-        collect_rows(&mut stmt, values)
     }
 }
 
-/// Run `stmt` with `values` bound and return its rows.
-fn collect_rows(
-    stmt: &mut rusqlite::Statement<'_>,
-    values: &[Value],
-) -> Result<Vec<SqliteRow>, AppError> {
-    bind(stmt, values)?;
+/// The rows of a bound statement, each its columns' values in order.
+fn collect_rows(stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<Vec<SqliteRow>> {
     let columns = stmt.column_count();
     let mut rows = stmt.raw_query();
     let mut out = Vec::new();
-    while let Some(row) = rows.next().map_err(sql_error)? {
-        let mut values = Vec::with_capacity(columns);
-        for i in 0..columns {
-            values.push(row.get::<_, SqlValue>(i).map_err(sql_error)?);
-        }
-        out.push(values);
+    while let Some(row) = rows.next()? {
+        out.push(
+            (0..columns)
+                .map(|i| row.get::<_, SqlValue>(i))
+                .collect::<rusqlite::Result<_>>()?,
+        );
     }
     Ok(out)
 }
