@@ -275,6 +275,9 @@ fn pg_write_lock() -> String {
 const RELEASE: &str = "RELEASE SAVEPOINT vm_writer";
 const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT vm_writer";
 
+/// A pooled connection idle this long is pinged before it is handed out.
+const POOL_PING_AFTER_IDLE: Duration = Duration::from_secs(5);
+
 /// How the store connects: `max_connections` at most, one kept open.
 fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
     let mut opts = ConnectOptions::new(url.to_string());
@@ -283,6 +286,10 @@ fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
         .connect_timeout(Duration::from_secs(10))
         .acquire_timeout(Duration::from_secs(30))
         .sqlx_logging(false)
+        // A pooled connection is checked (a round trip to Postgres, a hand-over to sqlx's
+        // thread on SQLite) only when it has been idle long enough to have been dropped by the
+        // server or the network, not at every checkout.
+        .test_before_acquire_if_idle_for(POOL_PING_AFTER_IDLE)
         // A pooled connection on which sqlx still counts a transaction is discarded at its next
         // checkout rather than reused: a `ROLLBACK` sqlx sent when a handle was dropped
         // failed, because SQLite had none open (it rolls a transaction back by itself after
