@@ -7,12 +7,13 @@
 //! section, so the global sequence is gap-free and equals commit order on both backends. A
 //! writer's writes are sent together, before its next read and before its commit: on SQLite
 //! executed by the turn's holder on the batch's own connection ([`sqlite_writer`]), on Postgres
-//! one round trip (see [`WriteTx`]).
+//! one round trip on the writers' own connection ([`pg_writer`], see [`WriteTx`]).
 
 mod checkpoint;
 mod entities;
 pub mod event_log;
 pub mod idempotency;
+mod pg_writer;
 pub mod projector;
 pub mod queries;
 pub mod queue;
@@ -26,10 +27,11 @@ mod write_rows;
 
 use crate::domain::events::StoredEvent;
 use crate::error::AppError;
+use pg_writer::PgWriter;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    DbErr, SqlErr, Statement, StatementBuilder, TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, SqlErr,
+    Statement, StatementBuilder,
 };
 use sqlite_writer::SqliteWriter;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -70,8 +72,10 @@ impl From<DbErr> for AppError {
 /// durable, so nothing a client was told is lost on a crash.
 struct Batch {
     backend: DbBackend,
-    /// Postgres: the batch's transaction, begun on a pooled connection.
-    tx: Option<DatabaseTransaction>,
+    /// Postgres: the writers' connection (see [`pg_writer`]). The batch's transaction is begun
+    /// on it by the batch's first send (`BEGIN` and the advisory write lock before the
+    /// `SAVEPOINT`), and ended by its commit, which may go with its last writer's send.
+    pg: Option<tokio::sync::Mutex<PgWriter>>,
     /// SQLite: the writer's connection, driven by the turn's holder (see [`sqlite_writer`]).
     /// The batch's transaction is begun on it by the batch's first send that opens a savepoint
     /// (`BEGIN` before the `SAVEPOINT`) and ended by its commit; between batches it has none
@@ -94,10 +98,7 @@ struct Batch {
     /// A writer left without committing after its savepoint was opened: the next user of `tx`
     /// rolls back to it first (see [`Batch::settle`]).
     rollback_pending: bool,
-    /// Postgres: the advisory write lock is taken in `tx` (by the first send that opens a
-    /// savepoint in it, before anything is read or written).
-    locked: AtomicBool,
-    /// Postgres: a `pg_notify` is sent in `tx`, at its top level (after a writer's release,
+    /// Postgres: a `pg_notify` is sent in the batch's transaction, at its top level (after a writer's release,
     /// so no later rollback to a savepoint takes it back). Postgres delivers one per
     /// transaction and payload at commit, so one is enough for every writer of the batch.
     notified: AtomicBool,
@@ -147,14 +148,11 @@ pub struct WriteStats {
     wal_restarts: AtomicU64,
     /// SQLite: times the checkpoint task panicked (and was started again).
     checkpoint_panics: Arc<AtomicU64>,
-    /// Nanoseconds writers waited for their sends, batches for their `BEGIN` (a connection
-    /// checked out, the transaction begun; on SQLite only when no handle is kept, the kept
-    /// handle's `BEGIN` going with a send) and for their `COMMIT`, all inside write turns.
+    /// Nanoseconds writers waited for their sends (a batch's `BEGIN` goes with its first
+    /// send) and batches for their `COMMIT` (on Postgres, when it did not go with the last
+    /// writer's send), all inside write turns.
     send_ns: AtomicU64,
-    begin_ns: AtomicU64,
     commit_ns: AtomicU64,
-    /// Batch transactions begun on a connection checked out of the pool.
-    begun: AtomicU64,
 }
 
 /// Where the write turns' time went since start (see [`Store::write_timings`]): what bounds
@@ -166,14 +164,10 @@ pub struct WriteTimings {
     /// The time those turns held the lock.
     pub held: Duration,
     /// Inside them: writers' sends (on SQLite their statements executed by the holder, on
-    /// Postgres round trips), `BEGIN` (Postgres; on SQLite it goes with a send) and `COMMIT`.
-    /// The rest of `held` is the holders' own work.
+    /// Postgres round trips; a batch's `BEGIN` goes with its first) and `COMMIT`s sent on
+    /// their own. The rest of `held` is the holders' own work.
     pub sends: Duration,
-    pub begins: Duration,
     pub commits: Duration,
-    /// Postgres: batch transactions begun on a connection checked out of the pool, one per
-    /// batch (none on SQLite, whose writer connection is the batch's own).
-    pub begun: u64,
 }
 
 /// Add the time since `since` to `counter` (nanoseconds).
@@ -232,7 +226,10 @@ impl std::fmt::Debug for Batch {
         f.debug_struct("Batch")
             .field(
                 "open",
-                &(self.tx.is_some()
+                &(self
+                    .pg
+                    .as_ref()
+                    .is_some_and(|w| w.try_lock().map_or(true, |w| w.began()))
                     || self
                         .sqlite
                         .as_ref()
@@ -318,27 +315,12 @@ fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
 }
 
 impl Batch {
-    /// Postgres: begin the batch's transaction on `db` (nothing locked or notified in it yet).
-    /// SQLite: nothing to do, the batch's first send that opens a savepoint begins it.
-    async fn begin(&mut self, db: &DatabaseConnection) -> Result<(), AppError> {
-        if self.sqlite.is_some() {
-            return Ok(());
-        }
-        let began = Instant::now();
-        let tx = db.begin().await;
-        add_elapsed(&self.stats.begin_ns, began);
-        self.stats.begun.fetch_add(1, Ordering::Relaxed);
-        self.tx = Some(tx?);
-        self.locked.store(false, Ordering::SeqCst);
-        self.notified.store(false, Ordering::SeqCst);
-        Ok(())
-    }
-
     /// Whether the batch needs a transaction begun before its next savepoint.
-    fn needs_tx(&self) -> bool {
-        match &self.sqlite {
-            Some(w) => !crate::sync::lock(w).began(),
-            None => self.tx.is_none(),
+    fn needs_tx(&mut self) -> bool {
+        match (&self.sqlite, &mut self.pg) {
+            (Some(w), _) => !crate::sync::lock(w).began(),
+            (None, Some(w)) => !w.get_mut().began(),
+            (None, None) => true,
         }
     }
 
@@ -348,7 +330,7 @@ impl Batch {
         if !self.rollback_pending {
             return Ok(());
         }
-        let rolled_back = match (&self.sqlite, self.tx.as_ref()) {
+        let rolled_back = match (&self.sqlite, &mut self.pg) {
             (Some(w), _) => {
                 let mut w = crate::sync::lock(w);
                 if !w.began() && !w.in_transaction() {
@@ -358,27 +340,40 @@ impl Batch {
                     w.run(ROLLBACK_TO, &[]).and_then(|()| w.run(RELEASE, &[]))
                 }
             }
-            (None, Some(tx)) => tx
-                .execute_unprepared(&format!("{ROLLBACK_TO}; {RELEASE}"))
-                .await
-                .map(|_| ())
-                .map_err(AppError::from),
+            (None, Some(w)) => {
+                let w = w.get_mut();
+                if w.began() {
+                    let undo = format!("{ROLLBACK_TO};\n{RELEASE}");
+                    w.send(false, &undo).await.map(|_| ())
+                } else {
+                    Ok(())
+                }
+            }
             (None, None) => Ok(()),
         };
         self.rollback_pending = false;
         if let Err(e) = rolled_back {
-            self.abandon();
+            self.abandon().await;
             return Err(e);
         }
         Ok(())
     }
 
     /// Roll the whole batch back and tell every waiting writer it failed.
-    fn abandon(&mut self) {
-        drop(self.tx.take());
+    async fn abandon(&mut self) {
+        if let Some(w) = &mut self.pg {
+            w.get_mut().rollback().await;
+        }
+        self.forget();
+    }
+
+    /// The bookkeeping of [`Batch::abandon`], and SQLite's rollback; on Postgres the caller
+    /// rolls back (or drops the connection, which Postgres rolls back).
+    fn forget(&mut self) {
         if let Some(w) = &self.sqlite {
             crate::sync::lock(w).rollback();
         }
+        self.notified.store(false, Ordering::SeqCst);
         self.release_at_commit = false;
         self.rollback_pending = false;
         self.appended = 0;
@@ -408,12 +403,14 @@ impl Batch {
         // (see `Batch::notified`); Postgres delivers it at commit.
         let began = Instant::now();
         let release = std::mem::take(&mut self.release_at_commit);
-        let result = match (&self.sqlite, self.tx.take()) {
+        let result = match (&self.sqlite, &mut self.pg) {
             (Some(w), _) => commit_sqlite(&mut crate::sync::lock(w), release),
-            (None, Some(tx)) => tx.commit().await.map_err(AppError::from),
-            // Its writers sent nothing: no transaction was begun.
+            // Nothing begun (its writers sent nothing) or committed already (with the last
+            // writer's send): nothing to commit.
+            (None, Some(w)) => w.get_mut().commit().await,
             (None, None) => Ok(()),
         };
+        self.notified.store(false, Ordering::SeqCst);
         add_elapsed(&self.stats.commit_ns, began);
         let ok = result.is_ok();
         // On SQLite this process is the only writer (every write takes the lock above), so the
@@ -566,6 +563,13 @@ impl Store {
         } else {
             None
         };
+        // Postgres: the write batches' transactions run on a connection of their own, kept
+        // open (see `pg_writer`).
+        let pg = if backend == DbBackend::Postgres {
+            Some(tokio::sync::Mutex::new(PgWriter::connect(url).await?))
+        } else {
+            None
+        };
         let planner_stable = backend != DbBackend::Sqlite || planner_is_stable(&db).await;
         if !planner_stable {
             tracing::warn!(
@@ -583,7 +587,7 @@ impl Store {
         let stats = Arc::new(WriteStats::default());
         let batch = TurnLock::new(Batch {
             backend,
-            tx: None,
+            pg,
             sqlite,
             waiters: Vec::new(),
             appended: 0,
@@ -592,7 +596,6 @@ impl Store {
             waiting_since: None,
             events: Vec::new(),
             rollback_pending: false,
-            locked: AtomicBool::new(false),
             notified: AtomicBool::new(false),
             release_at_commit: false,
             feed: feed.clone(),
@@ -718,9 +721,7 @@ impl Store {
             turns,
             held,
             sends: ns(&self.stats.send_ns),
-            begins: ns(&self.stats.begin_ns),
             commits: ns(&self.stats.commit_ns),
-            begun: self.stats.begun.load(Ordering::Relaxed),
         }
     }
 
@@ -744,7 +745,6 @@ impl Store {
             turns = t.turns,
             held_ms = t.held.as_millis() as u64,
             sends_ms = t.sends.as_millis() as u64,
-            begins_ms = t.begins.as_millis() as u64,
             commits_ms = t.commits.as_millis() as u64,
             statements = self.stats.statements(),
             "write turns since start"
@@ -758,6 +758,9 @@ impl Store {
         }
         let mut guard = self.batch.lock(Turn::Request).await;
         guard.flush().await?;
+        if let Some(w) = &mut guard.pg {
+            w.get_mut().close().await;
+        }
         if self.backend == DbBackend::Sqlite {
             let row = self
                 .db
@@ -798,11 +801,8 @@ impl Store {
 
     async fn write_as(&self, turn: Turn) -> Result<WriteTx, AppError> {
         let queued = Queued::new(self);
-        let mut guard = self.batch.lock(turn).await;
+        let guard = self.batch.lock(turn).await;
         queued.arrived();
-        if guard.needs_tx() {
-            guard.begin(&self.db).await?;
-        }
         let setup = guard.rollback_pending;
         let w = WriteTx {
             backend: self.backend,
@@ -820,7 +820,7 @@ impl Store {
         }
         // A rollback left by the previous writer runs in a task of its own: a caller that goes
         // away meanwhile cannot cut it short and leave the batch not knowing what ran.
-        tokio::spawn(w.open(self.db.clone()))
+        tokio::spawn(w.open())
             .await
             .unwrap_or_else(|e| Err(AppError::internal(e)))
     }
@@ -1034,11 +1034,6 @@ impl Drop for SendTimer<'_> {
 }
 
 /// A unique-index violation among a writer's statements: the data it decided on changed.
-fn conflict_or(e: DbErr) -> AppError {
-    conflict(AppError::from(e))
-}
-
-/// See [`conflict_or`].
 fn conflict(e: AppError) -> AppError {
     match e {
         AppError::Conflict(_) => AppError::Conflict(
@@ -1057,12 +1052,14 @@ impl WriteTx {
             .expect("a writer holds its turn until it commits")
     }
 
-    /// The batch transaction this writer's savepoint lives in.
-    fn batch_tx(&self) -> &DatabaseTransaction {
+    /// Postgres: the writers' connection, on which this writer's savepoint lives.
+    async fn pg(&self) -> tokio::sync::MutexGuard<'_, PgWriter> {
         self.batch()
-            .tx
+            .pg
             .as_ref()
-            .expect("a writer's batch transaction is open until it commits")
+            .expect("a Postgres store has a writers' connection")
+            .lock()
+            .await
     }
 
     pub(crate) fn backend(&self) -> DbBackend {
@@ -1191,10 +1188,12 @@ impl WriteTx {
         self.failed.store(true, Ordering::SeqCst);
         self.count_send();
         self.count_statements(1);
-        self.batch_tx()
-            .execute_raw(stmt)
+        let values = stmt.values.map(|v| v.0).unwrap_or_default();
+        self.pg()
             .await
-            .map_err(conflict_or)?;
+            .prepared(&stmt.sql, &values)
+            .await
+            .map_err(conflict)?;
         self.failed.store(false, Ordering::SeqCst);
         Ok(())
     }
@@ -1212,8 +1211,23 @@ impl WriteTx {
     /// Send the unsent writes, followed by `then` if given (opening the savepoint first if it
     /// is not yet); `then`'s rows. Nothing to send: nothing done, unless `open` asks for the
     /// savepoint to be opened all the same. On SQLite the holder executes them all; on
-    /// Postgres the writes go in one round trip and `then` in another (see [`WriteTx`]).
+    /// Postgres they go in one round trip (see [`WriteTx`]).
     async fn send(&self, then: Option<Statement>, open: bool) -> Result<Vec<Row>, AppError> {
+        self.send_as(then, open, false).await
+    }
+
+    /// Send the unsent writes (see [`WriteTx::send`]); on Postgres, with the batch's `COMMIT`
+    /// after them when `commit`.
+    async fn send_and_commit(&self, commit: bool) -> Result<(), AppError> {
+        self.send_as(None, false, commit).await.map(|_| ())
+    }
+
+    async fn send_as(
+        &self,
+        then: Option<Statement>,
+        open: bool,
+        commit: bool,
+    ) -> Result<Vec<Row>, AppError> {
         self.usable()?;
         let pending = std::mem::take(&mut *crate::sync::lock(&self.unsent));
         let sqlite = self.backend == DbBackend::Sqlite;
@@ -1222,15 +1236,16 @@ impl WriteTx {
         let mut begin = false;
         if opening && (open || then.is_some() || !pending.is_empty()) {
             self.opened.store(true, Ordering::SeqCst);
-            // Before the savepoint, at the transaction's top level: a lock taken inside a
-            // savepoint would go when a writer's changes are rolled back to it.
-            if !sqlite && !self.batch().locked.swap(true, Ordering::SeqCst) {
-                batch.push(pg_write_lock(), None);
-            }
-            // SQLite: the batch's transaction begins with its first savepoint. If this send
-            // fails, whether it began is known by the savepoint: the next user of the batch
-            // rolls back to it, and abandons the batch when it is not there.
-            begin = sqlite && self.batch().needs_tx();
+            // SQLite: the batch's transaction begins with its first savepoint (on Postgres
+            // `send_postgres` sees to it). If this send fails, whether it began is known by the
+            // savepoint: the next user of the batch rolls back to it, and abandons the batch
+            // when it is not there.
+            begin = sqlite
+                && !self
+                    .batch()
+                    .sqlite
+                    .as_ref()
+                    .is_some_and(|w| crate::sync::lock(w).began());
             batch.push(SAVEPOINT, None);
         }
         self.count_statements(batch.list.len() + pending.list.len() + usize::from(then.is_some()));
@@ -1246,30 +1261,15 @@ impl WriteTx {
         let rows = match &self.batch().sqlite {
             Some(w) => send_sqlite(&mut crate::sync::lock(w), begin, batch, then)?,
             None => {
-                let tx = self.batch_tx();
-                if !batch.is_empty() {
-                    debug_assert!(
-                        batch.list.iter().all(|(_, v)| v.is_empty()),
-                        "Postgres sends carry literals"
-                    );
-                    let sql = batch.joined();
-                    tracing::trace!(target: "vm_workflow::store::sends", sql = %sql, "send");
-                    tx.execute_unprepared(&sql).await.map_err(conflict_or)?;
+                let mut w = self.pg().await;
+                let sent = send_postgres(&mut w, batch, then, commit).await?;
+                if sent.round_trips > 1 {
+                    self.count_send();
                 }
-                match then {
-                    Some(read) => {
-                        if !batch.is_empty() {
-                            self.count_send();
-                        }
-                        tx.query_all_raw(read)
-                            .await
-                            .map_err(conflict_or)?
-                            .into_iter()
-                            .map(Row::Postgres)
-                            .collect()
-                    }
-                    None => Vec::new(),
+                if sent.locked {
+                    self.count_statements(1);
                 }
+                sent.rows
             }
         };
         self.failed.store(false, Ordering::SeqCst);
@@ -1318,12 +1318,11 @@ impl WriteTx {
 
     /// Settle what the previous writer left. If that fails, the batch is abandoned (its waiting
     /// writers are told it failed); nothing of this writer's is in it, so it goes on in a new
-    /// transaction on `db`.
-    async fn open(mut self, db: DatabaseConnection) -> Result<WriteTx, AppError> {
+    /// transaction, begun by its first send.
+    async fn open(mut self) -> Result<WriteTx, AppError> {
         if let Some(guard) = self.guard.as_mut() {
             if let Err(e) = guard.settle().await {
                 tracing::warn!(error = ?e, "rolled a write batch back: its last writer's changes could not be undone alone");
-                guard.begin(&db).await?;
             }
         }
         Ok(self)
@@ -1358,6 +1357,9 @@ impl WriteTx {
         // nothing).
         let release_at_commit =
             !wrote && opened && self.backend == DbBackend::Sqlite && self.commits_the_batch();
+        // Postgres, and this writer commits the batch: the `COMMIT` goes with its release.
+        let commit_with_release =
+            (wrote || opened) && self.backend == DbBackend::Postgres && self.commits_the_batch();
         if release_at_commit {
             self.count_statements(1);
             if let Some(g) = self.guard.as_mut() {
@@ -1375,9 +1377,12 @@ impl WriteTx {
                     );
                 }
             }
-            self.send(None, false).await?;
+            self.send_and_commit(commit_with_release).await?;
             if notify {
                 self.batch().notified.store(true, Ordering::SeqCst);
+            }
+            if commit_with_release {
+                self.pg().await.committed();
             }
         }
         self.opened.store(false, Ordering::SeqCst);
@@ -1385,7 +1390,8 @@ impl WriteTx {
         guard.appended += self.appended;
         guard.events.append(&mut self.events);
         guard.writers += 1;
-        if guard.release_at_commit || commits_the_batch(&guard, &self.queued) {
+        if guard.release_at_commit || commit_with_release || commits_the_batch(&guard, &self.queued)
+        {
             return guard.flush().await;
         }
         let (done_tx, done_rx) = oneshot::channel();
@@ -1434,6 +1440,78 @@ fn send_sqlite(
         .collect())
 }
 
+/// Postgres: a writer's send, in one round trip on the writers' connection: the batch's `BEGIN`
+/// and the advisory write lock first if no transaction is open, the statements of `batch` in
+/// order, then `then`, whose rows are returned (see [`PgSent`]), or the batch's `COMMIT` when
+/// `commit`.
+async fn send_postgres(
+    w: &mut PgWriter,
+    mut batch: Unsent,
+    then: Option<Statement>,
+    commit: bool,
+) -> Result<PgSent, AppError> {
+    debug_assert!(
+        batch.list.iter().all(|(_, v)| v.is_empty()),
+        "Postgres sends carry literals"
+    );
+    let begin = !w.began();
+    if begin {
+        // At the transaction's top level, before the savepoint: a lock taken inside a
+        // savepoint would go when a writer's changes are rolled back to it.
+        batch.list.insert(0, (pg_write_lock(), Vec::new()));
+    }
+    let reads = then.is_some();
+    let prepared = match then {
+        Some(read) => match inline_postgres(&read) {
+            Some(sql) => {
+                batch.push(sql, None);
+                None
+            }
+            None => Some(read),
+        },
+        None => None,
+    };
+    if commit {
+        debug_assert!(!reads, "a commit comes last");
+        batch.push("COMMIT", None);
+    }
+    let mut rows = Vec::new();
+    let mut round_trips = 0;
+    if !batch.is_empty() {
+        let sql = batch.joined();
+        tracing::trace!(target: "vm_workflow::store::sends", sql = %sql, "send");
+        rows = w.send(begin, &sql).await.map_err(conflict)?;
+        round_trips += 1;
+    }
+    if let Some(read) = prepared {
+        let values = read.values.map(|v| v.0).unwrap_or_default();
+        rows = w.prepared(&read.sql, &values).await.map_err(conflict)?;
+        round_trips += 1;
+    }
+    let rows = if reads {
+        rows.into_iter()
+            .map(|r| Row::Postgres(sea_orm::QueryResult::from(r)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(PgSent {
+        rows,
+        round_trips,
+        locked: begin,
+    })
+}
+
+/// What [`send_postgres`] did.
+struct PgSent {
+    /// `then`'s rows.
+    rows: Vec<Row>,
+    /// Two when `then` has a value without a literal and goes prepared after the rest.
+    round_trips: usize,
+    /// It began the batch's transaction and took the write lock.
+    locked: bool,
+}
+
 /// Whether a writer that leaves the batch now commits it: nobody else waits for a turn, or the
 /// batch is full or old enough.
 fn commits_the_batch(batch: &Batch, queued: &AtomicUsize) -> bool {
@@ -1467,8 +1545,20 @@ impl Drop for WriteTx {
             // Nothing of anyone's is in the batch: roll it back rather than leave it open
             // (unless nothing is open: on SQLite nothing was begun since the last commit, whose
             // log head stays right).
-            if !guard.needs_tx() {
-                guard.abandon();
+            if guard.needs_tx() {
+                return;
+            }
+            match (&mut guard.pg, tokio::runtime::Handle::try_current()) {
+                (None, _) => guard.forget(),
+                // Postgres: the `ROLLBACK` is a round trip, in a task that holds the turn.
+                (Some(_), Ok(handle)) => {
+                    handle.spawn(async move { guard.abandon().await });
+                }
+                // No runtime to send it on: a connection closed rolls back all the same.
+                (Some(w), Err(_)) => {
+                    w.get_mut().disconnect();
+                    guard.forget();
+                }
             }
             return;
         }
@@ -1495,6 +1585,7 @@ pub(crate) async fn test_store(dir: &std::path::Path) -> Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sea_orm::TransactionTrait;
 
     /// Postgres writes are sent with their values as literals; a value without a literal that
     /// means the same, or SQL not read with certainty, keeps its statement prepared.

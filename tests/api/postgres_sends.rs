@@ -196,3 +196,41 @@ async fn a_batch_notifies_once_whoever_rolls_back() {
         .expect("receive");
     assert_eq!(heard.payload(), store.notify_payload());
 }
+
+/// The writers' connection breaking in the middle of a batch fails that batch: none of its
+/// writes lands, not even those sent after the break (a connection from a pool would have run
+/// them on their own, outside the batch's transaction). The next batch connects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_writer_connection_fails_its_batch_and_the_next_reconnects() {
+    let (_app, store, url) = app_on_database_with(&[]).await;
+    let admin = Database::connect(&url).await.expect("admin");
+    let head = store.head_sequence().await.expect("head");
+    let mut w = store.write().await.expect("writer");
+    // Its first send: `BEGIN`, the lock, the savepoint and the log's head.
+    w.append("brand:cut", 0, &meta(), brand_created("cut"))
+        .await
+        .expect("append");
+    let ended = admin
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'vm-workflow writer' AND datname = current_database()",
+        ))
+        .await
+        .expect("terminate")
+        .and_then(|r| r.try_get_by_index::<bool>(0).ok());
+    assert_eq!(ended, Some(true), "the writers' connection was found");
+    w.append("brand:after-cut", 0, &meta(), brand_created("after-cut"))
+        .await
+        .expect("queued");
+    assert!(w.commit().await.is_err(), "the batch failed");
+    assert_eq!(streams_after(&store, head).await, Vec::<String>::new());
+
+    let mut next = store.write().await.expect("next writer");
+    next.append("brand:next", 0, &meta(), brand_created("next"))
+        .await
+        .expect("append on a new connection");
+    next.commit().await.expect("commit");
+    assert_eq!(streams_after(&store, head).await, ["brand:next"]);
+    let _ = admin.close().await;
+}

@@ -416,10 +416,11 @@ async fn run_commands_decide_on_the_cached_copy(backend: Backend) {
     );
     let used = sends(&store) - before;
     if store.is_postgres() {
-        // The write lock and SAVEPOINT; the log's head (read in every batch: other instances
-        // append too); the event, the run, stage, approval, task and queue rows, the
-        // notification and RELEASE together (the timeline is a view over the events). No read of the run.
-        assert_eq!(used, 3);
+        // `BEGIN`, the write lock, SAVEPOINT and the log's head (read in every batch: other
+        // instances append too); the event, the run, stage, approval, task and queue rows, the
+        // notification, RELEASE and `COMMIT` together (the timeline is a view over the
+        // events). No read of the run.
+        assert_eq!(used, 2);
     } else {
         // The writes and RELEASE together (the savepoint is opened by the same send).
         assert_eq!(used, 1);
@@ -570,44 +571,42 @@ async fn write_turns_account_for_their_time(backend: Backend) {
     for (what, spent) in [("sends", t.sends), ("commits", t.commits)] {
         assert!(spent > Duration::ZERO, "no time in {what}: {t:?}");
     }
-    if store.is_postgres() {
-        assert!(t.begins > Duration::ZERO, "no time in begins: {t:?}");
-    } else {
-        // SQLite: a batch's `BEGIN` goes with its first send, on the writer's own connection.
-        assert_eq!(t.begins, Duration::ZERO, "{t:?}");
-    }
     assert!(
-        t.sends + t.begins + t.commits <= t.held,
+        t.sends + t.commits <= t.held,
         "waits outside the turns: {t:?}"
     );
 }
 
-/// On SQLite batches follow one another on the writer's own connection, each begun by its
-/// first writer's first send: none checks a connection out of the pool (each checkout cost
-/// sqlx's pings, a fifth of the write lock's time), nor does a writer that leaves without
-/// writing. On Postgres every batch begins its own. Either way every batch's writes are
-/// committed and visible to other connections.
+/// Batches follow one another on the writers' own connection, each begun by its first
+/// writer's first send: none checks a connection out of the pool (each checkout cost sqlx's
+/// pings), nor sends anything for a writer that leaves without writing. On Postgres the one
+/// connection is kept from batch to batch. Either way every batch's writes are committed and
+/// visible to other connections.
 async fn batches_keep_the_writers_transaction(backend: Backend) {
     let (app, _services, store, _thread) = stepped_by_hand(backend).await;
-    let before = store.write_timings();
     let (_, commits_before) = store.write_stats().get();
     let head = store.head_sequence().await.expect("head");
+    let writers_before = if store.is_postgres() {
+        writer_connections(&app).await
+    } else {
+        Vec::new()
+    };
     for i in 0..5 {
         commit_brand(&store, &format!("kept{i}")).await;
         // A writer that takes its turn and goes without writing anything leaves it as it was.
+        let sends = store.write_stats().sends();
         drop(store.write().await.expect("writer"));
+        assert_eq!(store.write_stats().sends(), sends, "nothing sent");
     }
-    let after = store.write_timings();
     let (_, commits_after) = store.write_stats().get();
     assert_eq!(commits_after - commits_before, 5, "one batch each");
-    let begun = after.begun - before.begun;
     if store.is_postgres() {
+        let writers = writer_connections(&app).await;
+        assert_eq!(writers.len(), 1, "{writers:?}");
         assert_eq!(
-            begun, 10,
-            "the five batches and the five writers that wrote nothing"
+            writers, writers_before,
+            "the same connection since the start"
         );
-    } else {
-        assert_eq!(begun, 0, "the writer's own connection is used");
     }
     let streams = streams_after(&store, head).await;
     assert_eq!(streams.len(), 5, "{streams:?}");
@@ -619,6 +618,32 @@ async fn batches_keep_the_writers_transaction(backend: Backend) {
     let after_leaving = commit_brand(&store, "after-leaving").await;
     assert_eq!(after_leaving, after_commit);
     app.create_brand("after the batches").await;
+}
+
+/// Postgres: the backends of the store's writers' connection (`vm-workflow writer`): their
+/// process ids and start times.
+async fn writer_connections(app: &TestApp) -> Vec<(i32, String)> {
+    use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+    let db = Database::connect(app.database_url.clone())
+        .await
+        .expect("connect");
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT pid, backend_start::text FROM pg_stat_activity \
+             WHERE application_name = 'vm-workflow writer' AND datname = current_database()",
+        ))
+        .await
+        .expect("pg_stat_activity");
+    let _ = db.close().await;
+    rows.iter()
+        .map(|r| {
+            (
+                r.try_get_by_index(0).expect("pid"),
+                r.try_get_by_index(1).expect("backend_start"),
+            )
+        })
+        .collect()
 }
 
 /// A writer that creates brand `name` and commits; the statements it sent.
@@ -777,8 +802,10 @@ async fn a_writers_writes_go_together(backend: Backend) {
         .expect("append");
     w.commit().await.expect("commit");
     if store.is_postgres() {
-        // The write lock with SAVEPOINT; the head; the event, its notification and RELEASE.
-        assert_eq!(sends(&store) - before, 3);
+        // `BEGIN`, the write lock, SAVEPOINT and the head; the event, its notification,
+        // RELEASE and `COMMIT` (before: `BEGIN` and `COMMIT` round trips of their own, the head
+        // a round trip of its own).
+        assert_eq!(sends(&store) - before, 2);
     } else {
         // SAVEPOINT with the head; the event and RELEASE together.
         assert_eq!(sends(&store) - before, 2);
@@ -801,9 +828,10 @@ async fn a_writers_writes_go_together(backend: Backend) {
     w.commit().await.expect("commit");
     let after_commit = sends(&store) - before;
     if store.is_postgres() {
-        // The lock with SAVEPOINT, the head (read in every batch: other instances append too);
-        // the two events, then the read; the third event with RELEASE.
-        assert_eq!((after_appends, after_read, after_commit), (2, 4, 5));
+        // `BEGIN`, the lock, SAVEPOINT and the head (read in every batch: other instances
+        // append too); the two events with the read; the third event with RELEASE and
+        // `COMMIT`.
+        assert_eq!((after_appends, after_read, after_commit), (1, 2, 3));
     } else {
         assert_eq!((after_appends, after_read, after_commit), (0, 1, 2));
     }
@@ -865,8 +893,8 @@ async fn a_lone_writers_release_goes_with_the_commit(backend: Backend) {
     assert_eq!(claimed.as_deref(), Some(run.as_str()));
     let used = store.write_stats().sends() - sends;
     // SQLite: the savepoint, the claim (before: and the release, a send of its own).
-    // Postgres: the lock and the savepoint, the claim, the release.
-    assert_eq!(used, if store.is_postgres() { 3 } else { 1 });
+    // Postgres: `BEGIN`, the lock, the savepoint and the claim; the release with `COMMIT`.
+    assert_eq!(used, if store.is_postgres() { 2 } else { 1 });
     assert_eq!(store.write_stats().get().1 - commits, 1, "one commit");
     // Committed: seen from a connection of the read pool, and the lease is the claimer's.
     assert!(!store.has_claimable_run().await.expect("look"), "leased");
