@@ -869,8 +869,10 @@ async fn planner_is_stable(db: &DatabaseConnection) -> bool {
 /// batch's connection (see [`sqlite_writer`]), no thread hand-over. On Postgres a send is a
 /// round trip: several statements go in one message only by the simple query protocol, which
 /// binds no parameters, so the writes are sent with their values written into the SQL as
-/// literals (see [`inline_postgres`]), and a read follows as a prepared statement of its own.
-/// The batch's first send also takes the advisory write lock.
+/// literals (see [`inline_postgres`]), and a read goes last in the same message, its rows
+/// being those of the message's last statement (see [`pg_writer`]). The batch's first send
+/// also begins its transaction and takes the advisory write lock; the writer that commits the
+/// batch sends its `COMMIT` with its release.
 pub struct WriteTx {
     backend: DbBackend,
     guard: Option<TurnGuard<Batch>>,
