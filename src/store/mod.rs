@@ -230,10 +230,7 @@ impl std::fmt::Debug for Batch {
                     .pg
                     .as_ref()
                     .is_some_and(|w| w.try_lock().map_or(true, |w| w.began()))
-                    || self
-                        .sqlite
-                        .as_ref()
-                        .is_some_and(|w| crate::sync::lock(w).began())),
+                    || self.sqlite_began()),
             )
             .field("waiters", &self.waiters.len())
             .field("appended", &self.appended)
@@ -315,10 +312,17 @@ fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
 }
 
 impl Batch {
+    /// SQLite: whether the batch's transaction is begun on the writer's connection.
+    fn sqlite_began(&self) -> bool {
+        self.sqlite
+            .as_ref()
+            .is_some_and(|w| crate::sync::lock(w).began())
+    }
+
     /// Whether the batch needs a transaction begun before its next savepoint.
     fn needs_tx(&mut self) -> bool {
         match (&self.sqlite, &mut self.pg) {
-            (Some(w), _) => !crate::sync::lock(w).began(),
+            (Some(_), _) => !self.sqlite_began(),
             (None, Some(w)) => !w.get_mut().began(),
             (None, None) => true,
         }
@@ -1218,12 +1222,7 @@ impl WriteTx {
         self.send_as(then, open, false).await
     }
 
-    /// Send the unsent writes (see [`WriteTx::send`]); on Postgres, with the batch's `COMMIT`
-    /// after them when `commit`.
-    async fn send_and_commit(&self, commit: bool) -> Result<(), AppError> {
-        self.send_as(None, false, commit).await.map(|_| ())
-    }
-
+    /// [`WriteTx::send`]; on Postgres with the batch's `COMMIT` last when `commit`.
     async fn send_as(
         &self,
         then: Option<Statement>,
@@ -1242,12 +1241,7 @@ impl WriteTx {
             // `send_postgres` sees to it). If this send fails, whether it began is known by the
             // savepoint: the next user of the batch rolls back to it, and abandons the batch
             // when it is not there.
-            begin = sqlite
-                && !self
-                    .batch()
-                    .sqlite
-                    .as_ref()
-                    .is_some_and(|w| crate::sync::lock(w).began());
+            begin = sqlite && !self.batch().sqlite_began();
             batch.push(SAVEPOINT, None);
         }
         self.count_statements(batch.list.len() + pending.list.len() + usize::from(then.is_some()));
@@ -1379,12 +1373,9 @@ impl WriteTx {
                     );
                 }
             }
-            self.send_and_commit(commit_with_release).await?;
+            self.send_as(None, false, commit_with_release).await?;
             if notify {
                 self.batch().notified.store(true, Ordering::SeqCst);
-            }
-            if commit_with_release {
-                self.pg().await.committed();
             }
         }
         self.opened.store(false, Ordering::SeqCst);
@@ -1484,6 +1475,9 @@ async fn send_postgres(
         tracing::trace!(target: "vm_workflow::store::sends", sql = %sql, "send");
         rows = w.send(begin, &sql).await.map_err(conflict)?;
         round_trips += 1;
+        if commit {
+            w.committed();
+        }
     }
     if let Some(read) = prepared {
         let values = read.values.map(|v| v.0).unwrap_or_default();

@@ -22,7 +22,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 /// The connection's `application_name` (in `pg_stat_activity`, say).
-pub(crate) const WRITER_NAME: &str = "vm-workflow writer";
+const WRITER_NAME: &str = "vm-workflow writer";
 
 /// The writers' connection (see the module's documentation).
 pub(crate) struct PgWriter {
