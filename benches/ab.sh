@@ -7,7 +7,7 @@
 # target/release and target/release/examples after building each commit). Each run starts the
 # build's server on a new data directory (127.0.0.1:18766), runs the load generator, stops the
 # server with SIGINT and prints one line: runs/s, latencies (ms), server CPU and peak RSS from
-# the load generator, and per run the write lock's time, its sends' time and the statements sent
+# the load generator, and per run the write lock's time, its sends' time, the statements and sends sent and the commits
 # (from the server's `write turns since start` line). A before B in odd pairs, B before A in even
 # ones. Data directories are kept under OUT (default /tmp/vm-ab): deleting them while measuring
 # slows the next runs on file systems mounted with `discard`. With DATABASE_URL set to a
@@ -77,7 +77,7 @@ print(f'{j["label"]:<8} runs/s {j["runs_per_s"]:7.1f}  start p50 {j["start_ms"][
       f'cpu/run {1000 * (j["server_cpu_s"] or 0) / j["runs"]:5.2f} ms  '
       f'rss {(j["server_vmhwm_kib"] or 0) / 1024:4.0f} MiB  errors {j["errors"]}  '
       f'| per run: lock {lock("held_ms"):5.2f} ms, sends {lock("sends_ms"):5.2f} ms, '
-      f'statements {lock("statements"):5.1f}')
+      f'statements {lock("statements"):5.1f}, sends {lock("sends"):4.1f}, commits {lock("commits"):4.2f}')
 EOF
 }
 

@@ -750,6 +750,8 @@ impl Store {
             held_ms = t.held.as_millis() as u64,
             sends_ms = t.sends.as_millis() as u64,
             commits_ms = t.commits.as_millis() as u64,
+            sends = self.stats.sends(),
+            commits = self.stats.get().1,
             statements = self.stats.statements(),
             "write turns since start"
         );
