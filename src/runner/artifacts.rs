@@ -6,7 +6,7 @@
 
 use super::{StageContext, StageError, StageOutput};
 use crate::domain::events::ArtifactMeta;
-use crate::domain::run::RunState;
+use crate::domain::run::{RunState, StageStatus};
 use crate::domain::time;
 use crate::error::AppError;
 use serde_json::json;
@@ -18,7 +18,18 @@ pub struct ArtifactStore {
     root: PathBuf,
     /// Held while run.json is compared and replaced: writes from the runtime and from API
     /// commands happen after their commits, in tasks of their own, and may finish out of order.
-    run_json: std::sync::Arc<std::sync::Mutex<()>>,
+    run_json: std::sync::Arc<std::sync::Mutex<Written>>,
+}
+
+/// The run.json versions this process wrote, of runs that have not ended, when it is the only
+/// process writing the data directory ([`ArtifactStore::sole_writer`]): a later write compares
+/// with them instead of reading the file back (an `openat`, a read and a parse per write; five
+/// writes per run). A run not listed (written before a restart, or by another process when
+/// several share the directory) is compared with its file.
+#[derive(Debug, Default)]
+struct Written {
+    sole_writer: bool,
+    versions: std::collections::HashMap<String, i64>,
 }
 
 /// Whether `path` holds no run.json of `version` or later (missing or unreadable: none).
@@ -138,6 +149,13 @@ impl ArtifactStore {
         }
     }
 
+    /// This process is the only one writing the data directory (a SQLite store: its database
+    /// has one writing process too): run.json versions it wrote are remembered, not read back.
+    pub fn sole_writer(self) -> Self {
+        crate::sync::lock(&self.run_json).sole_writer = true;
+        self
+    }
+
     pub fn run_dir(&self, run_id: &str) -> PathBuf {
         self.root.join(run_id)
     }
@@ -180,17 +198,25 @@ impl ArtifactStore {
     pub fn write_run_json(&self, state: &RunState) -> Result<(), AppError> {
         let run = &state.run;
         let path = self.run_dir(&run.id).join("run.json");
-        let _turn = crate::sync::lock(&self.run_json);
-        if !older_than(&path, run.version) {
+        let mut written = crate::sync::lock(&self.run_json);
+        let newer = match written.versions.get(&run.id) {
+            Some(&version) => version < run.version,
+            None => older_than(&path, run.version),
+        };
+        if !newer {
             return Ok(());
         }
+        // A stage's manifest is written before its completion commits: only a completed stage
+        // can have one.
         let mut manifests: Vec<String> = state
             .stages
             .iter()
             .filter(|s| {
-                self.stage_dir(&run.id, s.position, &s.key)
-                    .join("manifest.json")
-                    .exists()
+                s.status == StageStatus::Completed
+                    && self
+                        .stage_dir(&run.id, s.position, &s.key)
+                        .join("manifest.json")
+                        .exists()
             })
             .map(|s| {
                 format!(
@@ -209,11 +235,15 @@ impl ArtifactStore {
             "updatedAt": run.updated_at,
             "manifestPaths": manifests,
         });
-        Ok(replace_run_json(
-            &path,
-            &json_bytes(&doc),
-            run.status.is_terminal(),
-        )?)
+        let last = run.status.is_terminal();
+        replace_run_json(&path, &json_bytes(&doc), last)?;
+        if last {
+            // A late write of an earlier state finds the file, and the final version in it.
+            written.versions.remove(&run.id);
+        } else if written.sole_writer {
+            written.versions.insert(run.id.clone(), run.version);
+        }
+        Ok(())
     }
 
     /// Write a successful attempt's files; the manifest last. Returns the artifact metadata.
@@ -423,6 +453,86 @@ mod tests {
             "{\"version\": 4}"
         );
         assert_eq!(names(), ["run.json"]);
+    }
+
+    /// A queued run "run-1" whose version is set to `version` and status to `status`.
+    fn run_state(version: i64, status: crate::domain::run::RunStatus) -> RunState {
+        use crate::domain::events::{Actor, DomainEvent, StoredEvent};
+        use crate::domain::profiles::{ProfileSet, ResolveSettings, SkillOverrides};
+        let set = ProfileSet::parse(include_str!("../../profiles/workflow_profiles.yaml"), "p")
+            .expect("profiles");
+        let plan = set
+            .resolve(&ResolveSettings::default(), "x", &SkillOverrides::new())
+            .expect("plan");
+        let queued = StoredEvent {
+            sequence: 1,
+            event_id: "evt-1".into(),
+            stream_id: "run:run-1".into(),
+            stream_version: 1,
+            actor: Actor::runtime(),
+            thread_id: Some("t-1".into()),
+            run_id: Some("run-1".into()),
+            correlation_id: None,
+            causation_id: None,
+            occurred_at: "2026-01-01T00:00:01.000000Z".into(),
+            body: DomainEvent::WorkflowRunQueued {
+                run_id: "run-1".into(),
+                thread_id: "t-1".into(),
+                project_id: "p-1".into(),
+                brand_id: "b-1".into(),
+                request_text: "crm for clinics".into(),
+                plan,
+            },
+        };
+        let mut state = RunState::from_queued(&queued).expect("queued");
+        state.run.version = version;
+        state.run.status = status;
+        state
+    }
+
+    fn version_on_disk(store: &ArtifactStore) -> Option<i64> {
+        let bytes = std::fs::read(store.run_dir("run-1").join("run.json")).ok()?;
+        serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["version"].as_i64()
+    }
+
+    /// A sole writer remembers the versions it wrote until the run ends, and compares a later
+    /// write with them, not with the file (here removed behind its back, which a writer that
+    /// reads the file back takes for "no run.json yet"). Once the run has ended, an earlier
+    /// state is compared with the file again, and nothing is remembered.
+    #[test]
+    fn a_sole_writer_compares_run_json_versions_in_memory() {
+        use crate::domain::run::RunStatus;
+        let dir = tempfile::tempdir().expect("tmp");
+        let shared = ArtifactStore::new(dir.path());
+        let sole = ArtifactStore::new(&dir.path().join("sole")).sole_writer();
+        for store in [&shared, &sole] {
+            let waiting = run_state(5, RunStatus::WaitingApproval);
+            store.write_run_json(&waiting).expect("write");
+            assert_eq!(version_on_disk(store), Some(5));
+            std::fs::remove_file(store.run_dir("run-1").join("run.json")).expect("remove");
+            store
+                .write_run_json(&run_state(4, RunStatus::Queued))
+                .expect("an earlier state");
+            let expected = if std::ptr::eq(store, &sole) {
+                None
+            } else {
+                Some(4)
+            };
+            assert_eq!(
+                version_on_disk(store),
+                expected,
+                "sole writer: {}",
+                std::ptr::eq(store, &sole)
+            );
+            store
+                .write_run_json(&run_state(9, RunStatus::Completed))
+                .expect("the last state");
+            store
+                .write_run_json(&run_state(7, RunStatus::WaitingApproval))
+                .expect("a late earlier state");
+            assert_eq!(version_on_disk(store), Some(9));
+            assert!(crate::sync::lock(&store.run_json).versions.is_empty());
+        }
     }
 
     #[test]
