@@ -149,6 +149,45 @@ async fn a_failed_writer_leaves_the_rest_of_its_batch(backend: Backend) {
     );
 }
 
+/// A writer that would commit the batch (nobody queued for a turn) first lets the tasks that
+/// are ready run once: a writer among them that asks for a turn then joins the batch, and one
+/// commit covers both. On a runtime of one thread the order is fixed: a's commit task is
+/// spawned, then b's task, which asks for a turn when it first runs: after a's task has begun,
+/// and while it yields.
+async fn a_writer_ready_while_the_last_one_commits_joins_its_batch(backend: Backend) {
+    let mut opts = Options::new(backend);
+    opts.workers = 0;
+    let app = TestApp::spawn_with(opts).await;
+    let store = app.services.store.clone();
+    let head = store.head_sequence().await.expect("head");
+    let commits = |s: &Store| s.write_stats().get().1;
+    let a = writer_with_brand(&store, "ya").await;
+    let before = commits(&store);
+    let b_store = store.clone();
+    let mut b = None;
+    let (a_done, ()) = tokio::join!(a.commit(), async {
+        b = Some(tokio::spawn(async move {
+            let w = writer_with_brand(&b_store, "yb").await;
+            w.commit().await
+        }));
+    });
+    a_done.expect("a commits");
+    let b = b.expect("b was spawned");
+    b.await.expect("b joins").expect("b commits");
+    assert_eq!(commits(&store) - before, 1, "one commit for a and b");
+    assert_eq!(streams_after(&store, head).await, ["brand:ya", "brand:yb"]);
+}
+
+#[tokio::test]
+async fn a_writer_ready_while_the_last_one_commits_joins_its_batch_sqlite() {
+    a_writer_ready_while_the_last_one_commits_joins_its_batch(Backend::Sqlite).await
+}
+
+#[tokio::test]
+async fn a_writer_ready_while_the_last_one_commits_joins_its_batch_postgres() {
+    a_writer_ready_while_the_last_one_commits_joins_its_batch(Backend::Postgres).await
+}
+
 /// Concurrent clients: every write is kept, and they need fewer commits than writes.
 async fn concurrent_writes_share_commits(backend: Backend) {
     let mut opts = Options::new(backend);
