@@ -106,9 +106,53 @@ struct Batch {
     /// before its `COMMIT`: a writer whose last send was a read, and who commits the batch
     /// itself, has nothing else to send (see [`WriteTx::finish`]).
     release_at_commit: bool,
+    /// Whether a writer about to commit yields first (see [`Yields`]).
+    yields: Yields,
     feed: Arc<CommittedFeed>,
     committed: Arc<Notify>,
     stats: Arc<WriteStats>,
+}
+
+/// A writer about to commit the batch because nobody is queued first lets the tasks that are
+/// ready run once: a writer among them that asks for a turn joins the batch instead of waiting
+/// for the next one. Under load this halves the commits, each a write of every page changed to
+/// SQLite's log (BENCHMARKS.md, "One yield before a commit"). When the last yields found nobody
+/// (a lone client), the yield would only make the commit wait for the other tasks (deliveries
+/// to subscribers, say): it is skipped, and tried again every [`Yields::PROBE`]th commit.
+#[derive(Debug)]
+struct Yields {
+    /// The last 8 yields, newest in the lowest bit: 1 where a writer came.
+    recent: u8,
+    /// Commits since the last yield.
+    skipped: u32,
+}
+
+impl Default for Yields {
+    fn default() -> Self {
+        Yields {
+            recent: u8::MAX,
+            skipped: 0,
+        }
+    }
+}
+
+impl Yields {
+    const PROBE: u32 = 8;
+
+    /// Whether to yield before this commit (counted as skipped if not).
+    fn worth_it(&mut self) -> bool {
+        if self.recent != 0 || self.skipped + 1 >= Self::PROBE {
+            self.skipped = 0;
+            true
+        } else {
+            self.skipped += 1;
+            false
+        }
+    }
+
+    fn record(&mut self, came: bool) {
+        self.recent = (self.recent << 1) | u8::from(came);
+    }
 }
 
 /// Where committed events go, in commit order, when the event bus listens (see
@@ -602,6 +646,7 @@ impl Store {
             rollback_pending: false,
             notified: AtomicBool::new(false),
             release_at_commit: false,
+            yields: Yields::default(),
             feed: feed.clone(),
             committed: committed.clone(),
             stats: stats.clone(),
@@ -1350,13 +1395,20 @@ impl WriteTx {
             && !self.batch().notified.load(Ordering::SeqCst);
         let wrote = !crate::sync::lock(&self.unsent).is_empty();
         let opened = self.opened.load(Ordering::SeqCst);
-        // Nobody is queued for a turn, so this writer would commit the batch: first the tasks
-        // that are ready to run get to (once), and a writer among them that asks for a turn
-        // joins the batch instead of waiting for the next one. Under load this halves the
-        // commits, each a write of every page changed to the log (BENCHMARKS.md, "One yield
-        // before a commit"); alone, a writer commits after the one pass.
+        // Nobody is queued for a turn, so this writer would commit the batch: first the ready
+        // tasks run once, if that has been bringing writers lately (see [`Yields`]).
         if self.queued.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
+            let guard = self
+                .guard
+                .as_mut()
+                .expect("a writer holds its turn until it commits");
+            if guard.yields.worth_it() {
+                tokio::task::yield_now().await;
+                let came = self.queued.load(Ordering::SeqCst) > 0;
+                if let Some(g) = self.guard.as_mut() {
+                    g.yields.record(came);
+                }
+            }
         }
         // SQLite, nothing left to send but the release, and this writer commits the batch: the
         // release goes with the `COMMIT` (at low load, a turn that ends with a claim finding
@@ -1595,6 +1647,23 @@ mod tests {
 
     /// Postgres writes are sent with their values as literals; a value without a literal that
     /// means the same, or SQL not read with certainty, keeps its statement prepared.
+    /// Yields go on while they bring writers, stop after 8 that brought none, and are tried
+    /// again every 8th commit after that.
+    #[test]
+    fn yields_stop_when_they_bring_nobody_and_are_probed() {
+        let mut y = Yields::default();
+        for _ in 0..8 {
+            assert!(y.worth_it());
+            y.record(false);
+        }
+        let tried: Vec<bool> = (0..16).map(|_| y.worth_it()).collect();
+        let probes: Vec<usize> = (0..16).filter(|&i| tried[i]).collect();
+        assert_eq!(probes, [7, 15], "every 8th commit");
+        assert!(!y.worth_it());
+        y.record(true);
+        assert!(y.worth_it(), "a writer came: yield again");
+    }
+
     #[test]
     fn postgres_writes_get_literals_only_where_they_mean_the_same() {
         use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
