@@ -822,7 +822,7 @@ impl RunState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::domain::events::Actor;
     use crate::domain::profiles::{ProfileSet, ResolveSettings, SkillOverrides};
@@ -849,31 +849,36 @@ mod tests {
         }
     }
 
+    /// The first event of run "run-1" on thread "t-1": `mode` resolved against the shipped
+    /// profiles (with the Foundation fallback forced when `force`).
+    pub(crate) fn queued(force: bool, mode: &str) -> StoredEvent {
+        let set = ProfileSet::parse(include_str!("../../profiles/workflow_profiles.yaml"), "p")
+            .expect("profiles");
+        let settings = ResolveSettings {
+            force_foundation_fallback: force,
+            ..ResolveSettings::default()
+        };
+        let plan = set
+            .resolve(&settings, mode, &SkillOverrides::new())
+            .expect("plan");
+        stored(
+            1,
+            1,
+            DomainEvent::WorkflowRunQueued {
+                run_id: "run-1".into(),
+                thread_id: "t-1".into(),
+                project_id: "p-1".into(),
+                brand_id: "b-1".into(),
+                request_text: "crm for clinics".into(),
+                plan,
+            },
+        )
+    }
+
     impl Harness {
         fn new(force: bool, mode: &str) -> Self {
-            let set = ProfileSet::parse(include_str!("../../profiles/workflow_profiles.yaml"), "p")
-                .expect("profiles");
-            let settings = ResolveSettings {
-                force_foundation_fallback: force,
-                ..ResolveSettings::default()
-            };
-            let plan = set
-                .resolve(&settings, mode, &SkillOverrides::new())
-                .expect("plan");
-            let queued = stored(
-                1,
-                1,
-                DomainEvent::WorkflowRunQueued {
-                    run_id: "run-1".into(),
-                    thread_id: "t-1".into(),
-                    project_id: "p-1".into(),
-                    brand_id: "b-1".into(),
-                    request_text: "crm for clinics".into(),
-                    plan,
-                },
-            );
             Harness {
-                state: RunState::from_queued(&queued).expect("queued"),
+                state: RunState::from_queued(&queued(force, mode)).expect("queued"),
                 seq: 1,
                 log: vec!["WorkflowRunQueued".into()],
             }

@@ -457,33 +457,7 @@ mod tests {
 
     /// A queued run "run-1" whose version is set to `version` and status to `status`.
     fn run_state(version: i64, status: crate::domain::run::RunStatus) -> RunState {
-        use crate::domain::events::{Actor, DomainEvent, StoredEvent};
-        use crate::domain::profiles::{ProfileSet, ResolveSettings, SkillOverrides};
-        let set = ProfileSet::parse(include_str!("../../profiles/workflow_profiles.yaml"), "p")
-            .expect("profiles");
-        let plan = set
-            .resolve(&ResolveSettings::default(), "x", &SkillOverrides::new())
-            .expect("plan");
-        let queued = StoredEvent {
-            sequence: 1,
-            event_id: "evt-1".into(),
-            stream_id: "run:run-1".into(),
-            stream_version: 1,
-            actor: Actor::runtime(),
-            thread_id: Some("t-1".into()),
-            run_id: Some("run-1".into()),
-            correlation_id: None,
-            causation_id: None,
-            occurred_at: "2026-01-01T00:00:01.000000Z".into(),
-            body: DomainEvent::WorkflowRunQueued {
-                run_id: "run-1".into(),
-                thread_id: "t-1".into(),
-                project_id: "p-1".into(),
-                brand_id: "b-1".into(),
-                request_text: "crm for clinics".into(),
-                plan,
-            },
-        };
+        let queued = crate::domain::run::tests::queued(false, "x");
         let mut state = RunState::from_queued(&queued).expect("queued");
         state.run.version = version;
         state.run.status = status;
