@@ -125,18 +125,12 @@ impl Application {
         let profiles = Arc::new(load_profiles(&config)?);
         let runner = build_runner(&config)?;
         let store = connect_store(&config).await?;
-        let artifacts = ArtifactStore::new(&config.data_dir);
-        // SQLite: one process writes the database, and so the data directory.
-        let artifacts = if store.is_postgres() {
-            artifacts
-        } else {
-            artifacts.sole_writer()
-        };
         let services = Arc::new(Services::new(
             store.clone(),
             profiles,
             settings(&config),
-            artifacts,
+            // SQLite: one process writes the database, and so the data directory.
+            ArtifactStore::new(&config.data_dir).sole_writer(!store.is_postgres()),
         ));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let bus = EventBus::new(

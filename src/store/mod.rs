@@ -98,8 +98,8 @@ struct Batch {
     /// A writer left without committing after its savepoint was opened: the next user of `tx`
     /// rolls back to it first (see [`Batch::settle`]).
     rollback_pending: bool,
-    /// Postgres: a `pg_notify` is sent in the batch's transaction, at its top level (after a writer's release,
-    /// so no later rollback to a savepoint takes it back). Postgres delivers one per
+    /// Postgres: a `pg_notify` is sent in the batch's transaction, at its top level (after a
+    /// writer's release, so no later rollback to a savepoint takes it back). Postgres delivers one per
     /// transaction and payload at commit, so one is enough for every writer of the batch.
     notified: AtomicBool,
     /// SQLite: the last writer's savepoint is still open and is released by the commit, right
@@ -1404,10 +1404,7 @@ impl WriteTx {
                 .expect("a writer holds its turn until it commits");
             if guard.yields.worth_it() {
                 tokio::task::yield_now().await;
-                let came = self.queued.load(Ordering::SeqCst) > 0;
-                if let Some(g) = self.guard.as_mut() {
-                    g.yields.record(came);
-                }
+                guard.yields.record(self.queued.load(Ordering::SeqCst) > 0);
             }
         }
         // SQLite, nothing left to send but the release, and this writer commits the batch: the
@@ -1645,8 +1642,6 @@ mod tests {
     use super::*;
     use sea_orm::TransactionTrait;
 
-    /// Postgres writes are sent with their values as literals; a value without a literal that
-    /// means the same, or SQL not read with certainty, keeps its statement prepared.
     /// Yields go on while they bring writers, stop after 8 that brought none, and are tried
     /// again every 8th commit after that.
     #[test]
@@ -1664,6 +1659,8 @@ mod tests {
         assert!(y.worth_it(), "a writer came: yield again");
     }
 
+    /// Postgres writes are sent with their values as literals; a value without a literal that
+    /// means the same, or SQL not read with certainty, keeps its statement prepared.
     #[test]
     fn postgres_writes_get_literals_only_where_they_mean_the_same() {
         use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
