@@ -184,6 +184,8 @@ pub struct WriteStats {
     commits: AtomicU64,
     sends: AtomicU64,
     statements: AtomicU64,
+    /// Postgres: texts prepared on the writers' connection (see [`pg_writer`]).
+    prepares: AtomicU64,
     /// SQLite: passive checkpoints taken beside the writers (see [`checkpoint`]).
     checkpoints: AtomicU64,
     /// SQLite: write turns the checkpoint task took to copy the rest of a long log.
@@ -252,6 +254,12 @@ impl WriteStats {
     /// How many statements writers sent (not the batch's `BEGIN` and `COMMIT`).
     pub fn statements(&self) -> u64 {
         self.statements.load(Ordering::SeqCst)
+    }
+
+    /// Postgres: how many statement texts were prepared on the writers' connection; every
+    /// statement with values after that is executed by name (see [`pg_writer`]).
+    pub fn prepares(&self) -> u64 {
+        self.prepares.load(Ordering::SeqCst)
     }
 
     /// SQLite: what the checkpoint task has done (see [`Checkpointing`]).
@@ -798,6 +806,7 @@ impl Store {
             sends = self.stats.sends(),
             commits = self.stats.get().1,
             statements = self.stats.statements(),
+            prepares = self.stats.prepares(),
             "write turns since start"
         );
         let _ = self.stop_checkpoints.send(true);
@@ -919,9 +928,9 @@ async fn planner_is_stable(db: &DatabaseConnection) -> bool {
 /// On SQLite a send is the statements executed one after another by the turn's holder on the
 /// batch's connection (see [`sqlite_writer`]), no thread hand-over. On Postgres a send is a
 /// round trip: several statements go in one message only by the simple query protocol, which
-/// binds no parameters, so the writes are sent with their values written into the SQL as
-/// literals (see [`inline_postgres`]), and a read goes last in the same message, its rows
-/// being those of the message's last statement (see [`pg_writer`]). The batch's first send
+/// binds no parameters, so each write is prepared once on the connection and then executed by
+/// name with its values as literals, and a read goes last in the same message, its rows being
+/// those of the message's last statement (see [`pg_writer`]). The batch's first send
 /// also begins its transaction and takes the advisory write lock; the writer that commits the
 /// batch sends its `COMMIT` with its release.
 pub struct WriteTx {
@@ -942,8 +951,8 @@ pub struct WriteTx {
     failed: AtomicBool,
 }
 
-/// Writes of a [`WriteTx`] waiting to be sent together, in order, each with its values (none
-/// on Postgres, where they are literals).
+/// Writes of a [`WriteTx`] waiting to be sent together, in order, each with its values (on
+/// Postgres written in as literals when sent, see [`send_postgres`]).
 #[derive(Default)]
 struct Unsent {
     list: Vec<(String, Vec<sea_orm::Value>)>,
@@ -959,7 +968,7 @@ impl Unsent {
         self.list.is_empty()
     }
 
-    /// Postgres: the statements as one simple-query text.
+    /// The statements' texts, one after the other (for the sends' trace).
     fn joined(&self) -> String {
         let mut sql = String::new();
         for (s, _) in &self.list {
@@ -975,66 +984,23 @@ impl Unsent {
 /// Most writes sent together (a rebuild projects thousands before its next read).
 const MAX_UNSENT: usize = 32;
 
-/// A Postgres statement with its values written in as literals, for the simple query protocol;
-/// `None` when that cannot be done so that it means the same as the prepared statement (a
-/// string with a NUL character, a float that is not finite, a type the write path does not use,
-/// SQL this function does not read with certainty), and the statement is sent prepared.
-///
-/// Each `$n` outside quotes becomes the literal of value n. Strings are `'…'` with quotes
-/// doubled, and `E'…'` with backslashes doubled when they hold one: the same whatever
-/// `standard_conforming_strings` and `backslash_quote` are. Negative numbers are parenthesized
-/// (`-$1` must not become a comment), floats are typed (`'2.0'::float8`, exact and signed).
-fn inline_postgres(stmt: &Statement) -> Option<String> {
-    let values = stmt.values.as_ref().map(|v| v.0.as_slice()).unwrap_or(&[]);
-    if values.is_empty() {
-        return Some(stmt.sql.clone());
-    }
-    let literals = values.iter().map(pg_literal).collect::<Option<Vec<_>>>()?;
-    let sql = &stmt.sql;
-    if sql.contains('\\') {
-        return None;
-    }
-    let mut out =
-        String::with_capacity(sql.len() + literals.iter().map(String::len).sum::<usize>());
-    let mut quote = None;
-    let mut chars = sql.chars().peekable();
-    let mut previous = ' ';
-    while let Some(c) = chars.next() {
-        match (quote, c) {
-            (Some(q), c) => {
-                out.push(c);
-                if c == q {
-                    quote = None;
-                }
-            }
-            (None, '\'' | '"') => {
-                quote = Some(c);
-                out.push(c);
-            }
-            // `a$1` is an identifier, not a placeholder.
-            (None, '$') if previous.is_alphanumeric() || previous == '_' => return None,
-            (None, '$') => {
-                let mut n = 0usize;
-                let mut digits = 0;
-                while let Some(d) = chars.peek().and_then(|c| c.to_digit(10)) {
-                    n = n.checked_mul(10)?.checked_add(d as usize)?;
-                    digits += 1;
-                    chars.next();
-                }
-                if digits == 0 {
-                    return None;
-                }
-                out.push_str(literals.get(n.checked_sub(1)?)?);
-            }
-            (None, c) => out.push(c),
-        }
-        previous = c;
-    }
-    quote.is_none().then_some(out)
+/// Whether every value of `stmt` has a Postgres literal that means the same (see
+/// [`pg_literal`]): such a statement goes in a multi-statement message, executed by name (see
+/// [`pg_writer`]); another is sent prepared, in a round trip of its own.
+fn has_literals(stmt: &Statement) -> bool {
+    stmt.values
+        .as_ref()
+        .is_none_or(|v| v.0.iter().all(|v| pg_literal(v).is_some()))
 }
 
-/// The Postgres literal of a value (see [`inline_postgres`]).
-fn pg_literal(value: &sea_orm::Value) -> Option<String> {
+/// The Postgres literal of a value, as an argument of `EXECUTE`: `None` where none means the
+/// same as the bound value (a string with a NUL character, a float that is not finite, a type
+/// the write path does not use).
+///
+/// Strings are `'…'` with quotes doubled, and `E'…'` with backslashes doubled when they hold
+/// one: the same whatever `standard_conforming_strings` and `backslash_quote` are. Negative
+/// numbers are parenthesized, floats are typed (`'2.0'::float8`, exact and signed).
+pub(crate) fn pg_literal(value: &sea_orm::Value) -> Option<String> {
     use sea_orm::Value;
     fn int(n: impl std::fmt::Display + PartialOrd + Default) -> String {
         if n < Default::default() {
@@ -1216,16 +1182,12 @@ impl WriteTx {
 
     /// Add a built write to the unsent ones (sending them once there are enough).
     async fn queue(&self, built: Statement) -> Result<(), AppError> {
-        let (sql, values) = match self.backend {
-            DbBackend::Postgres => match inline_postgres(&built) {
-                Some(sql) => (sql, None),
-                None => return self.exec_prepared(built).await,
-            },
-            _ => (built.sql, built.values),
-        };
+        if self.backend == DbBackend::Postgres && !has_literals(&built) {
+            return self.exec_prepared(built).await;
+        }
         let full = {
             let mut unsent = crate::sync::lock(&self.unsent);
-            unsent.push(sql, values);
+            unsent.push(built.sql, built.values);
             unsent.list.len() >= MAX_UNSENT
         };
         if full {
@@ -1305,7 +1267,8 @@ impl WriteTx {
             Some(w) => send_sqlite(&mut crate::sync::lock(w), begin, batch, then)?,
             None => {
                 let mut w = self.pg().await;
-                let sent = send_postgres(&mut w, batch, then, commit).await?;
+                let stats = &self.batch().stats;
+                let sent = send_postgres(&mut w, batch, then, commit, &stats.prepares).await?;
                 if sent.round_trips > 1 {
                     self.count_send();
                 }
@@ -1495,17 +1458,14 @@ fn send_sqlite(
 /// Postgres: a writer's send, in one round trip on the writers' connection: the batch's `BEGIN`
 /// and the advisory write lock first if no transaction is open, the statements of `batch` in
 /// order, then `then`, whose rows are returned (see [`PgSent`]), or the batch's `COMMIT` when
-/// `commit`.
+/// `commit`. The texts it prepares are counted in `prepares`, whether it succeeds or not.
 async fn send_postgres(
     w: &mut PgWriter,
     mut batch: Unsent,
     then: Option<Statement>,
     commit: bool,
+    prepares: &AtomicU64,
 ) -> Result<PgSent, AppError> {
-    debug_assert!(
-        batch.list.iter().all(|(_, v)| v.is_empty()),
-        "Postgres sends carry literals"
-    );
     let begin = !w.began();
     if begin {
         // At the transaction's top level, before the savepoint: a lock taken inside a
@@ -1514,26 +1474,28 @@ async fn send_postgres(
     }
     let reads = then.is_some();
     let prepared = match then {
-        Some(read) => match inline_postgres(&read) {
-            Some(sql) => {
-                batch.push(sql, None);
-                None
-            }
-            None => Some(read),
-        },
-        None => None,
+        Some(read) if has_literals(&read) => {
+            batch.push(read.sql, read.values);
+            None
+        }
+        other => other,
     };
     if commit {
         debug_assert!(!reads, "a commit comes last");
         batch.push("COMMIT", None);
     }
+    let mut sent = PgSent {
+        rows: Vec::new(),
+        round_trips: 0,
+        locked: begin,
+    };
     let mut rows = Vec::new();
-    let mut round_trips = 0;
     if !batch.is_empty() {
-        let sql = batch.joined();
+        let (sql, prepared) = w.message(&batch.list)?;
+        prepares.fetch_add(prepared as u64, Ordering::Relaxed);
         tracing::trace!(target: "vm_workflow::store::sends", sql = %sql, "send");
         rows = w.send(begin, &sql).await.map_err(conflict)?;
-        round_trips += 1;
+        sent.round_trips += 1;
         if commit {
             w.committed();
         }
@@ -1541,20 +1503,15 @@ async fn send_postgres(
     if let Some(read) = prepared {
         let values = read.values.map(|v| v.0).unwrap_or_default();
         rows = w.prepared(&read.sql, &values).await.map_err(conflict)?;
-        round_trips += 1;
+        sent.round_trips += 1;
     }
-    let rows = if reads {
-        rows.into_iter()
+    if reads {
+        sent.rows = rows
+            .into_iter()
             .map(|r| Row::Postgres(sea_orm::QueryResult::from(r)))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    Ok(PgSent {
-        rows,
-        round_trips,
-        locked: begin,
-    })
+            .collect();
+    }
+    Ok(sent)
 }
 
 /// What [`send_postgres`] did.
@@ -1659,71 +1616,43 @@ mod tests {
         assert!(y.worth_it(), "a writer came: yield again");
     }
 
-    /// Postgres writes are sent with their values as literals; a value without a literal that
-    /// means the same, or SQL not read with certainty, keeps its statement prepared.
+    /// Postgres writes are executed by name with their values as literals; a value without a
+    /// literal that means the same keeps its statement prepared, in a round trip of its own.
     #[test]
-    fn postgres_writes_get_literals_only_where_they_mean_the_same() {
-        use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
+    fn postgres_values_get_literals_only_where_they_mean_the_same() {
         use sea_orm::Value;
-        let update = |value: Value| {
-            DbBackend::Postgres.build(
-                Query::update()
-                    .table(Alias::new("t"))
-                    .value(Alias::new("c"), Expr::val(value))
-                    .and_where(Expr::col(Alias::new("k")).eq("it's $1 ?")),
-            )
-        };
-        let set = |value: Value| {
-            let sql = inline_postgres(&update(value))?;
-            let rest = sql.strip_prefix(r#"UPDATE "t" SET "c" = "#)?;
-            Some(
-                rest.strip_suffix(r#" WHERE "k" = 'it''s $1 ?'"#)?
-                    .to_string(),
-            )
-        };
-        assert_eq!(set("plain".into()).as_deref(), Some("'plain'"));
-        assert_eq!(set("O'Brien".into()).as_deref(), Some("'O''Brien'"));
+        let lit = |value: Value| pg_literal(&value);
+        assert_eq!(lit("plain".into()).as_deref(), Some("'plain'"));
+        assert_eq!(lit("O'Brien".into()).as_deref(), Some("'O''Brien'"));
         assert_eq!(
-            set("a\\'b\n\u{1}".into()).as_deref(),
+            lit("a\\'b\n\u{1}".into()).as_deref(),
             Some("E'a\\\\''b\n\u{1}'")
         );
-        assert_eq!(set(Value::String(None)).as_deref(), Some("NULL"));
-        assert_eq!(set(2.5f64.into()).as_deref(), Some("'2.5'::float8"));
-        assert_eq!(set(2.0f64.into()).as_deref(), Some("'2.0'::float8"));
-        assert_eq!(set((-0.0f64).into()).as_deref(), Some("'-0.0'::float8"));
-        assert_eq!(set(0.1f32.into()).as_deref(), Some("'0.1'::float4"));
-        assert_eq!(set(true.into()).as_deref(), Some("TRUE"));
-        assert_eq!(set((-7i64).into()).as_deref(), Some("(-7)"));
-        assert_eq!(set(7i32.into()).as_deref(), Some("7"));
+        assert_eq!(lit("it's $1 ?".into()).as_deref(), Some("'it''s $1 ?'"));
+        assert_eq!(lit(Value::String(None)).as_deref(), Some("NULL"));
+        assert_eq!(lit(2.5f64.into()).as_deref(), Some("'2.5'::float8"));
+        assert_eq!(lit(2.0f64.into()).as_deref(), Some("'2.0'::float8"));
+        assert_eq!(lit((-0.0f64).into()).as_deref(), Some("'-0.0'::float8"));
+        assert_eq!(lit(0.1f32.into()).as_deref(), Some("'0.1'::float4"));
+        assert_eq!(lit(true.into()).as_deref(), Some("TRUE"));
+        assert_eq!(lit((-7i64).into()).as_deref(), Some("(-7)"));
+        assert_eq!(lit(7i32.into()).as_deref(), Some("7"));
         for kept in [
             Value::from("nul\0inside"),
             Value::from(f64::NAN),
             Value::from(f64::INFINITY),
             Value::from(vec![1u8, 2]),
         ] {
-            assert_eq!(inline_postgres(&update(kept.clone())), None, "{kept:?}");
+            assert_eq!(lit(kept.clone()), None, "{kept:?}");
+            let stmt = Statement::from_sql_and_values(DbBackend::Postgres, "SELECT $1", [kept]);
+            assert!(!has_literals(&stmt));
         }
-
-        // Placeholders past 9, and `$n` inside quotes left alone.
-        let raw = |sql: &str, values: Vec<Value>| {
-            inline_postgres(&Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                sql,
-                values,
-            ))
-        };
-        let values: Vec<Value> = (1..=11i64).map(Value::from).collect();
-        assert_eq!(
-            raw(r#"SELECT $11, "a$1", '$1''$2', $1, $10"#, values).as_deref(),
-            Some(r#"SELECT 11, "a$1", '$1''$2', 1, 10"#)
+        let stmt = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT $1, $2",
+            [Value::from(1i64), Value::from("x")],
         );
-        // What is not read with certainty stays prepared.
-        assert_eq!(raw("SELECT $2", vec![1i64.into()]), None);
-        assert_eq!(raw("SELECT $0", vec![1i64.into()]), None);
-        assert_eq!(raw("SELECT $$x$$, $1", vec![1i64.into()]), None);
-        assert_eq!(raw("SELECT E'\\'', $1", vec![1i64.into()]), None);
-        assert_eq!(raw("SELECT 'open, $1", vec![1i64.into()]), None);
-        assert_eq!(raw("SELECT a$1, $1", vec![1i64.into()]), None);
+        assert!(has_literals(&stmt));
     }
 
     /// The rows of `probe` as another connection sees them (committed ones only).

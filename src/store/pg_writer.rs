@@ -8,6 +8,14 @@
 //! a read, whose rows come back (the rows of the message's last statement), or end with the
 //! batch's `COMMIT`.
 //!
+//! Statements with values are not sent as text to parse, analyse and plan each time (~40 % of
+//! the writers' backend's time, BENCHMARKS.md): each text is prepared once on the connection
+//! (`PREPARE vm<n> AS …`, in the message that first carries it) and executed by name with its
+//! values as literals (`EXECUTE vm<n>('…', 3)`), on a generic plan. A text whose `PREPARE` went
+//! in a message that failed is prepared again, under a new name, when it next comes: whether
+//! that `PREPARE` ran is unknown, and names are never reused, so it is only forgotten, never
+//! mistaken.
+//!
 //! The connection is used only by the holder of the write turn. If it breaks, every later use
 //! fails until the next batch, which connects again: nothing written after the break can
 //! land outside the batch's transaction (a pool would hand out a new connection instead, on
@@ -18,11 +26,41 @@ use futures::TryStreamExt;
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
 use sea_orm::sqlx::{AssertSqlSafe, Connection, Either};
 use sea_orm::{DbErr, RuntimeErr, Value};
+use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::str::FromStr;
 use std::sync::Arc;
 
 /// The connection's `application_name` (in `pg_stat_activity`, say).
 const WRITER_NAME: &str = "vm-workflow writer";
+
+/// Most statements kept prepared on the connection: past it, all are deallocated and prepared
+/// again as they come (a workload uses a few dozen texts; multi-row inserts add one per row
+/// count).
+const MAX_PREPARED: usize = 256;
+
+/// The statements prepared on the connection (see the module's documentation).
+#[derive(Debug, Default)]
+struct Prepared {
+    /// Text → the number in its name, for texts whose `PREPARE` was in a message that succeeded,
+    /// or is in the message being built.
+    names: HashMap<String, u64>,
+    /// Texts first prepared by the message being built or sent: forgotten if it fails.
+    pending: Vec<String>,
+    next: u64,
+}
+
+impl Prepared {
+    /// The message carrying the pending `PREPARE`s succeeded, or failed: then whether they
+    /// ran is unknown, and their texts get new names when they come again.
+    fn settled(&mut self, ok: bool) {
+        for text in std::mem::take(&mut self.pending) {
+            if !ok {
+                self.names.remove(&text);
+            }
+        }
+    }
+}
 
 /// The writers' connection (see the module's documentation).
 pub(crate) struct PgWriter {
@@ -30,6 +68,7 @@ pub(crate) struct PgWriter {
     conn: Option<PgConnection>,
     /// `BEGIN` was sent and the transaction has not been ended by us since.
     began: bool,
+    prepared: Prepared,
 }
 
 impl std::fmt::Debug for PgWriter {
@@ -44,9 +83,12 @@ impl std::fmt::Debug for PgWriter {
 impl PgWriter {
     /// Connect to `url` (so that a wrong URL fails at start, not at the first write).
     pub(crate) async fn connect(url: &str) -> Result<PgWriter, AppError> {
+        // Generic plans from the first execution: the writes are looked up by key, so a plan
+        // made for their values would be the same plan, made again five times per text.
         let options = PgConnectOptions::from_str(url)
             .map_err(AppError::internal)?
-            .application_name(WRITER_NAME);
+            .application_name(WRITER_NAME)
+            .options([("plan_cache_mode", "force_generic_plan")]);
         let conn = PgConnection::connect_with(&options)
             .await
             .map_err(AppError::internal)?;
@@ -54,6 +96,7 @@ impl PgWriter {
             options,
             conn: Some(conn),
             began: false,
+            prepared: Prepared::default(),
         })
     }
 
@@ -74,14 +117,17 @@ impl PgWriter {
             let conn = PgConnection::connect_with(&self.options)
                 .await
                 .map_err(AppError::internal)?;
+            // A new session: nothing is prepared on it.
+            self.prepared.names.clear();
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("connected above"))
     }
 
-    /// Execute `sql` (statements separated by `;`, values written in as literals) in one round
-    /// trip, after `BEGIN` when `begin`; the rows of its last statement. A failure may leave
-    /// some of its statements applied: the caller rolls back (to a savepoint, or all).
+    /// Execute `sql` (statements separated by `;`, values written in as literals, see
+    /// [`PgWriter::message`]) in one round trip, after `BEGIN` when `begin`; the rows of its
+    /// last statement. A failure may leave some of its statements applied: the caller rolls
+    /// back (to a savepoint, or all).
     pub(crate) async fn send(&mut self, begin: bool, sql: &str) -> Result<Vec<PgRow>, AppError> {
         self.conn().await?;
         let text = if begin {
@@ -101,17 +147,72 @@ impl PgWriter {
                 Ok(Some(Either::Right(row))) => rows.push(row),
                 // A statement's end: its rows (none for most) are the last ones so far.
                 Ok(Some(Either::Left(_))) => last = std::mem::take(&mut rows),
-                Ok(None) => return Ok(last),
+                Ok(None) => {
+                    self.prepared.settled(true);
+                    return Ok(last);
+                }
                 Err(e) => {
                     drop(results);
+                    self.prepared.settled(false);
                     return Err(self.failed(e));
                 }
             }
         }
     }
 
+    /// The text of one message carrying `statements` in order: those with values executed by
+    /// name with their values as literals (prepared first where the connection does not have
+    /// them yet), the others as they are; and how many texts it prepares. To be sent by the next
+    /// [`PgWriter::send`].
+    pub(crate) fn message(
+        &mut self,
+        statements: &[(String, Vec<Value>)],
+    ) -> Result<(String, usize), AppError> {
+        let p = &mut self.prepared;
+        let mut text = String::new();
+        if p.names.len() + statements.len() > MAX_PREPARED {
+            text.push_str("DEALLOCATE ALL;\n");
+            p.names.clear();
+        }
+        for (i, (sql, values)) in statements.iter().enumerate() {
+            if i > 0 {
+                text.push_str(";\n");
+            }
+            if values.is_empty() {
+                text.push_str(sql);
+                continue;
+            }
+            let mut args = String::new();
+            for (j, value) in values.iter().enumerate() {
+                if j > 0 {
+                    args.push_str(", ");
+                }
+                let Some(literal) = super::pg_literal(value) else {
+                    p.settled(false);
+                    return Err(AppError::internal(anyhow::anyhow!(
+                        "a Postgres write value without a literal reached a message: {value:?}"
+                    )));
+                };
+                args.push_str(&literal);
+            }
+            let n = match p.names.get(sql) {
+                Some(&n) => n,
+                None => {
+                    let n = p.next;
+                    p.next += 1;
+                    p.names.insert(sql.clone(), n);
+                    p.pending.push(sql.clone());
+                    let _ = writeln!(text, "PREPARE vm{n} AS {sql};");
+                    n
+                }
+            };
+            let _ = write!(text, "EXECUTE vm{n}({args})");
+        }
+        Ok((text, p.pending.len()))
+    }
+
     /// Execute one statement with `values` bound (a value that has no literal, see
-    /// `inline_postgres`), inside the open transaction; its rows.
+    /// `pg_literal`), inside the open transaction; its rows.
     pub(crate) async fn prepared(
         &mut self,
         sql: &str,
@@ -213,4 +314,110 @@ fn bind(query: PgQuery, value: &Value) -> Result<PgQuery, AppError> {
             )))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer() -> PgWriter {
+        PgWriter {
+            options: PgConnectOptions::from_str("postgres://nobody@127.0.0.1/none").expect("url"),
+            conn: None,
+            began: false,
+            prepared: Prepared::default(),
+        }
+    }
+
+    /// A text is prepared once, in the message that first carries it, and executed by name
+    /// after that; a message that failed leaves its texts to be prepared again, by new names.
+    #[test]
+    fn texts_are_prepared_once_and_again_after_a_failure() {
+        let mut w = writer();
+        let set = "UPDATE t SET a = $1 WHERE k = $2";
+        let add = "INSERT INTO u (x) VALUES ($1)";
+        let first = vec![
+            (
+                set.to_string(),
+                vec![Value::from("O'Brien"), Value::from(1i64)],
+            ),
+            ("SAVEPOINT s".to_string(), vec![]),
+            (
+                set.to_string(),
+                vec![Value::String(None), Value::from(-2i64)],
+            ),
+        ];
+        assert_eq!(
+            w.message(&first).expect("message"),
+            (
+                "PREPARE vm0 AS UPDATE t SET a = $1 WHERE k = $2;\n\
+                 EXECUTE vm0('O''Brien', 1);\nSAVEPOINT s;\nEXECUTE vm0(NULL, (-2))"
+                    .to_string(),
+                1
+            )
+        );
+        w.prepared.settled(true);
+        let second = vec![
+            (set.to_string(), vec![Value::from("b"), Value::from(3i64)]),
+            (add.to_string(), vec![Value::from(2.5f64)]),
+        ];
+        assert_eq!(
+            w.message(&second).expect("message"),
+            (
+                "EXECUTE vm0('b', 3);\nPREPARE vm1 AS INSERT INTO u (x) VALUES ($1);\n\
+                 EXECUTE vm1('2.5'::float8)"
+                    .to_string(),
+                1
+            )
+        );
+        // That message failed: vm1 may or may not exist, vm0 does.
+        w.prepared.settled(false);
+        let third = vec![(add.to_string(), vec![Value::from(1.0f64)])];
+        assert_eq!(
+            w.message(&third).expect("message").0,
+            "PREPARE vm2 AS INSERT INTO u (x) VALUES ($1);\nEXECUTE vm2('1.0'::float8)"
+        );
+        w.prepared.settled(true);
+        assert_eq!(
+            w.message(&second[..1]).expect("message").0,
+            "EXECUTE vm0('b', 3)"
+        );
+        // A value without a literal never reaches a message, nor does the text it came with
+        // count as prepared.
+        let bytes = vec![
+            (
+                "DELETE FROM u WHERE x = $1".to_string(),
+                vec![Value::from(1i64)],
+            ),
+            (add.to_string(), vec![Value::from(vec![1u8])]),
+        ];
+        assert!(w.message(&bytes).is_err());
+        assert!(w
+            .message(&bytes[..1])
+            .expect("message")
+            .0
+            .starts_with("PREPARE vm4 AS DELETE"));
+    }
+
+    /// Past [`MAX_PREPARED`] texts, all are deallocated and prepared again as they come.
+    #[test]
+    fn prepared_texts_are_bounded() {
+        let mut w = writer();
+        for n in 0..MAX_PREPARED {
+            let sql = format!("SELECT $1 + {n}");
+            w.message(&[(sql, vec![Value::from(1i64)])])
+                .expect("message");
+            w.prepared.settled(true);
+        }
+        assert_eq!(w.prepared.names.len(), MAX_PREPARED);
+        let (text, prepares) = w
+            .message(&[("SELECT $1 + 0".to_string(), vec![Value::from(1i64)])])
+            .expect("message");
+        assert_eq!(prepares, 1);
+        assert!(
+            text.starts_with("DEALLOCATE ALL;\nPREPARE vm256 AS "),
+            "{text}"
+        );
+        assert_eq!(w.prepared.names.len(), 1);
+    }
 }

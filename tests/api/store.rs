@@ -976,6 +976,77 @@ fn pending_stage(run: &serde_json::Value) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Postgres: a write's text is prepared once on the writers' connection and executed by name
+/// after that. A message that failed before a new text's `PREPARE` ran leaves that text to be
+/// prepared again: the next writer that sends it succeeds (were it taken as prepared, its
+/// `EXECUTE` would name a statement that does not exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_writes_are_prepared_once_and_again_after_a_failed_message() {
+    let mut opts = Options::new(Backend::Postgres);
+    opts.workers = 0;
+    let app = TestApp::spawn_with(opts).await;
+    let store = app.services.store.clone();
+    let prepares = |s: &Store| s.write_stats().prepares();
+
+    let create = |id: &'static str| {
+        let store = store.clone();
+        async move {
+            let mut w = store.write().await.expect("writer");
+            w.append_and_project(&format!("brand:{id}"), 0, &meta(), brand_created(id), None)
+                .await
+                .expect("append");
+            w.commit().await.expect("commit");
+        }
+    };
+    create("p0").await;
+    let before = prepares(&store);
+    create("p1").await;
+    assert_eq!(
+        prepares(&store),
+        before,
+        "the same texts again: executed by name"
+    );
+
+    // A rename on a stale version: the event's insert fails on brand:p0's version 1, before
+    // the brand's update, a text not sent before, is reached.
+    let renamed = |name: &str| {
+        vec![NewEvent {
+            body: DomainEvent::BrandUpdated {
+                brand_id: "p0".into(),
+                name: name.into(),
+            },
+            thread_id: None,
+            run_id: None,
+        }]
+    };
+    let before = prepares(&store);
+    let mut w = store.write().await.expect("writer");
+    w.append_and_project("brand:p0", 0, &meta(), renamed("stale"), None)
+        .await
+        .expect("append");
+    let failed = w.commit().await;
+    assert!(matches!(failed, Err(AppError::Conflict(_))), "{failed:?}");
+    assert_eq!(
+        prepares(&store),
+        before + 1,
+        "the update's text was in the message"
+    );
+
+    let mut w = store.write().await.expect("writer");
+    w.append_and_project("brand:p0", 1, &meta(), renamed("renamed"), None)
+        .await
+        .expect("append");
+    w.commit().await.expect("the update's text, prepared again");
+    assert_eq!(prepares(&store), before + 2);
+    let brand = app
+        .gql(
+            "query($id: ID!) { brand(id: $id) { name } }",
+            json!({ "id": "p0" }),
+        )
+        .await;
+    assert_eq!(brand["data"]["brand"]["name"], json!("renamed"), "{brand}");
+}
+
 /// Two instances on one Postgres; B executes the runs (A has no workers). A's copy of the run
 /// (from its own last command) is stale each time a gate is reached; approvals on A still decide
 /// on the stored run, and the run completes with one approval per gate.
