@@ -8,7 +8,7 @@
 //! a read, whose rows come back (the rows of the message's last statement), or end with the
 //! batch's `COMMIT`.
 //!
-//! Statements with values are not sent as text to parse, analyse and plan each time (~40 % of
+//! Queries and row changes are not sent as text to parse, analyse and plan each time (~40 % of
 //! the writers' backend's time, BENCHMARKS.md): each text is prepared once on the connection
 //! (`PREPARE vm<n> AS …`, in the message that first carries it) and executed by name with its
 //! values as literals (`EXECUTE vm<n>('…', 3)`), on a generic plan. A text whose `PREPARE` went
@@ -48,6 +48,14 @@ struct Prepared {
     /// Texts first prepared by the message being built or sent: forgotten if it fails.
     pending: Vec<String>,
     next: u64,
+}
+
+/// Whether `sql` is a statement `PREPARE` takes (a query or a row change), not a transaction
+/// control statement such as `SAVEPOINT`, which goes as it is.
+fn preparable(sql: &str) -> bool {
+    ["SELECT ", "INSERT ", "UPDATE ", "DELETE ", "WITH "]
+        .iter()
+        .any(|start| sql.starts_with(start))
 }
 
 impl Prepared {
@@ -117,8 +125,6 @@ impl PgWriter {
             let conn = PgConnection::connect_with(&self.options)
                 .await
                 .map_err(AppError::internal)?;
-            // A new session: nothing is prepared on it.
-            self.prepared.names.clear();
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("connected above"))
@@ -160,9 +166,9 @@ impl PgWriter {
         }
     }
 
-    /// The text of one message carrying `statements` in order: those with values executed by
-    /// name with their values as literals (prepared first where the connection does not have
-    /// them yet), the others as they are; and how many texts it prepares. To be sent by the next
+    /// The text of one message carrying `statements` in order: queries and row changes executed
+    /// by name with their values as literals (prepared first where the connection does not
+    /// have them yet), the others (`SAVEPOINT`, `COMMIT`…) as they are; and how many texts it prepares. To be sent by the next
     /// [`PgWriter::send`].
     pub(crate) fn message(
         &mut self,
@@ -178,7 +184,7 @@ impl PgWriter {
             if i > 0 {
                 text.push_str(";\n");
             }
-            if values.is_empty() {
+            if !preparable(sql) {
                 text.push_str(sql);
                 continue;
             }
@@ -206,7 +212,11 @@ impl PgWriter {
                     n
                 }
             };
-            let _ = write!(text, "EXECUTE vm{n}({args})");
+            if args.is_empty() {
+                let _ = write!(text, "EXECUTE vm{n}");
+            } else {
+                let _ = write!(text, "EXECUTE vm{n}({args})");
+            }
         }
         Ok((text, p.pending.len()))
     }
@@ -260,29 +270,37 @@ impl PgWriter {
             .await
         {
             tracing::warn!(error = %e, "rolling the Postgres write batch back failed; reconnecting");
-            self.conn = None;
+            self.drop_conn();
         }
     }
 
     /// Drop the connection: Postgres rolls back what was open on it. The next batch connects
     /// again.
     pub(crate) fn disconnect(&mut self) {
-        self.conn = None;
+        self.drop_conn();
         self.began = false;
     }
 
     /// Close the connection (at a graceful stop).
     pub(crate) async fn close(&mut self) {
+        self.prepared.names.clear();
         if let Some(conn) = self.conn.take() {
             let _ = conn.close().await;
         }
+    }
+
+    /// Forget the connection (and with it what was prepared on it): the next send connects
+    /// again.
+    fn drop_conn(&mut self) {
+        self.conn = None;
+        self.prepared.names.clear();
     }
 
     /// A failed statement's error. A connection that failed for any other reason than the
     /// database refusing a statement (I/O, protocol) is dropped: what it had open is gone.
     fn failed(&mut self, e: sea_orm::sqlx::Error) -> AppError {
         if !matches!(e, sea_orm::sqlx::Error::Database(_)) {
-            self.conn = None;
+            self.drop_conn();
         }
         AppError::from(DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e))))
     }
@@ -346,14 +364,16 @@ mod tests {
                 set.to_string(),
                 vec![Value::String(None), Value::from(-2i64)],
             ),
+            ("SELECT MAX(x) FROM t".to_string(), vec![]),
         ];
         assert_eq!(
             w.message(&first).expect("message"),
             (
                 "PREPARE vm0 AS UPDATE t SET a = $1 WHERE k = $2;\n\
-                 EXECUTE vm0('O''Brien', 1);\nSAVEPOINT s;\nEXECUTE vm0(NULL, (-2))"
+                 EXECUTE vm0('O''Brien', 1);\nSAVEPOINT s;\nEXECUTE vm0(NULL, (-2));\n\
+                 PREPARE vm1 AS SELECT MAX(x) FROM t;\nEXECUTE vm1"
                     .to_string(),
-                1
+                2
             )
         );
         w.prepared.settled(true);
@@ -364,18 +384,18 @@ mod tests {
         assert_eq!(
             w.message(&second).expect("message"),
             (
-                "EXECUTE vm0('b', 3);\nPREPARE vm1 AS INSERT INTO u (x) VALUES ($1);\n\
-                 EXECUTE vm1('2.5'::float8)"
+                "EXECUTE vm0('b', 3);\nPREPARE vm2 AS INSERT INTO u (x) VALUES ($1);\n\
+                 EXECUTE vm2('2.5'::float8)"
                     .to_string(),
                 1
             )
         );
-        // That message failed: vm1 may or may not exist, vm0 does.
+        // That message failed: vm2 may or may not exist, vm0 does.
         w.prepared.settled(false);
         let third = vec![(add.to_string(), vec![Value::from(1.0f64)])];
         assert_eq!(
             w.message(&third).expect("message").0,
-            "PREPARE vm2 AS INSERT INTO u (x) VALUES ($1);\nEXECUTE vm2('1.0'::float8)"
+            "PREPARE vm3 AS INSERT INTO u (x) VALUES ($1);\nEXECUTE vm3('1.0'::float8)"
         );
         w.prepared.settled(true);
         assert_eq!(
@@ -396,7 +416,7 @@ mod tests {
             .message(&bytes[..1])
             .expect("message")
             .0
-            .starts_with("PREPARE vm4 AS DELETE"));
+            .starts_with("PREPARE vm5 AS DELETE"));
     }
 
     /// Past [`MAX_PREPARED`] texts, all are deallocated and prepared again as they come.
