@@ -11,7 +11,9 @@
 # (from the server's `write turns since start` line). A before B in odd pairs, B before A in even
 # ones. Data directories are kept under OUT (default /tmp/vm-ab): deleting them while measuring
 # slows the next runs on file systems mounted with `discard`. With DATABASE_URL set to a
-# Postgres server, each run gets a database of its own there instead (created and dropped).
+# Postgres server, each run gets a database of its own there instead (created and dropped), and
+# the line adds the CPU time per run of the server's writer backend (the Postgres process
+# behind its `vm-workflow writer` connection, which executes every write under the lock).
 set -euo pipefail
 
 pairs=3
@@ -40,8 +42,13 @@ unset DATABASE_URL
 server=""
 trap '[ -z "$server" ] || kill -INT "$server" 2>/dev/null' EXIT
 
+# User and system CPU time of process $1 so far, in clock ticks (0 when it is gone).
+cpu_ticks() {
+  awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
 one() { # one BUILD_DIR LABEL loadgen-flags...
-  local bin=$1 label=$2 data db="" pid json turns
+  local bin=$1 label=$2 data db="" pid json turns wpid="" ticks0=0 ticks1=0
   shift 2
   data=$(mktemp -d "$out/$label-XXXXXX")
   if [ -n "$pg_base" ]; then
@@ -53,7 +60,13 @@ one() { # one BUILD_DIR LABEL loadgen-flags...
   pid=$!
   server=$pid
   for _ in $(seq 100); do curl -sf -o /dev/null "http://$addr/healthz" && break; sleep 0.1; done
+  if [ -n "$db" ]; then
+    wpid=$(psql -Atq "$pg_base" -c "SELECT pid FROM pg_stat_activity WHERE datname = '$db' \
+      AND application_name = 'vm-workflow writer'" | head -n 1)
+    ticks0=$(cpu_ticks "$wpid")
+  fi
   json=$("$bin/loadgen" --url "http://$addr" --label "$label" "$@" | tail -n 1) || true
+  [ -z "$wpid" ] || ticks1=$(cpu_ticks "$wpid")
   kill -INT "$pid" 2>/dev/null || echo "$label: the server had stopped; see $data.log" >&2
   wait "$pid" || true
   server=""
@@ -63,9 +76,10 @@ one() { # one BUILD_DIR LABEL loadgen-flags...
     *) echo "$label: the load generator failed (server log: $data.log)"; return ;;
   esac
   turns=$(sed 's/\x1b\[[0-9;]*m//g' "$data.log" | grep -o 'held_ms=[0-9]* sends_ms=[0-9]*.*statements=[0-9]*' || true)
-  JSON=$json TURNS=$turns python3 - <<'EOF'
+  JSON=$json TURNS=$turns PG_WRITER_TICKS=$((ticks1 - ticks0)) HZ=$(getconf CLK_TCK) python3 - <<'EOF'
 import json, os
 j = json.loads(os.environ["JSON"])
+pg_writer = int(os.environ["PG_WRITER_TICKS"]) * 1000 / int(os.environ["HZ"])
 t = dict(kv.split("=") for kv in os.environ["TURNS"].split())
 runs = j["completed"] + 1  # and the warm-up run
 f = lambda k: j[k]["p99_ms"]
@@ -77,7 +91,8 @@ print(f'{j["label"]:<8} runs/s {j["runs_per_s"]:7.1f}  start p50 {j["start_ms"][
       f'cpu/run {1000 * (j["server_cpu_s"] or 0) / j["runs"]:5.2f} ms  '
       f'rss {(j["server_vmhwm_kib"] or 0) / 1024:4.0f} MiB  errors {j["errors"]}  '
       f'| per run: lock {lock("held_ms"):5.2f} ms, sends {lock("sends_ms"):5.2f} ms, '
-      f'statements {lock("statements"):5.1f}, sends {lock("sends"):4.1f}, commits {lock("commits"):4.2f}')
+      f'statements {lock("statements"):5.1f}, sends {lock("sends"):4.1f}, commits {lock("commits"):4.2f}'
+      + (f', Postgres writer CPU {pg_writer / runs:4.2f} ms' if pg_writer else ''))
 EOF
 }
 
