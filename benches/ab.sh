@@ -13,7 +13,8 @@
 # slows the next runs on file systems mounted with `discard`. With DATABASE_URL set to a
 # Postgres server, each run gets a database of its own there instead (created and dropped), and
 # the line adds the CPU time per run of the server's writer backend (the Postgres process
-# behind its `vm-workflow writer` connection, which executes every write under the lock).
+# behind its `vm-workflow writer` connection, which executes every write under the lock), when
+# that Postgres runs on this machine and the connection lasted the whole run.
 set -euo pipefail
 
 pairs=3
@@ -61,9 +62,11 @@ one() { # one BUILD_DIR LABEL loadgen-flags...
   server=$pid
   for _ in $(seq 100); do curl -sf -o /dev/null "http://$addr/healthz" && break; sleep 0.1; done
   if [ -n "$db" ]; then
+    # The backend's process on this machine (a Postgres elsewhere has its pids elsewhere).
     wpid=$(psql -Atq "$pg_base" -c "SELECT pid FROM pg_stat_activity WHERE datname = '$db' \
-      AND application_name = 'vm-workflow writer'" | head -n 1)
-    ticks0=$(cpu_ticks "$wpid")
+      AND application_name = 'vm-workflow writer'" | head -n 1) || wpid=""
+    [ -n "$wpid" ] && [ -r "/proc/$wpid/stat" ] || wpid=""
+    [ -z "$wpid" ] || ticks0=$(cpu_ticks "$wpid")
   fi
   json=$("$bin/loadgen" --url "http://$addr" --label "$label" "$@" | tail -n 1) || true
   [ -z "$wpid" ] || ticks1=$(cpu_ticks "$wpid")
@@ -92,7 +95,7 @@ print(f'{j["label"]:<8} runs/s {j["runs_per_s"]:7.1f}  start p50 {j["start_ms"][
       f'rss {(j["server_vmhwm_kib"] or 0) / 1024:4.0f} MiB  errors {j["errors"]}  '
       f'| per run: lock {lock("held_ms"):5.2f} ms, sends {lock("sends_ms"):5.2f} ms, '
       f'statements {lock("statements"):5.1f}, sends {lock("sends"):4.1f}, commits {lock("commits"):4.2f}'
-      + (f', Postgres writer CPU {pg_writer / runs:4.2f} ms' if pg_writer else ''))
+      + (f', Postgres writer CPU {pg_writer / runs:4.2f} ms' if pg_writer > 0 else ''))
 EOF
 }
 

@@ -1491,10 +1491,10 @@ async fn send_postgres(
     };
     let mut rows = Vec::new();
     if !batch.is_empty() {
-        let (sql, prepared) = w.message(&batch.list)?;
-        prepares.fetch_add(prepared as u64, Ordering::Relaxed);
-        tracing::trace!(target: "vm_workflow::store::sends", sql = %sql, "send");
-        rows = w.send(begin, &sql).await.map_err(conflict)?;
+        rows = w
+            .send_statements(begin, &batch.list, prepares)
+            .await
+            .map_err(conflict)?;
         sent.round_trips += 1;
         if commit {
             w.committed();

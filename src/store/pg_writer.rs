@@ -88,18 +88,31 @@ impl std::fmt::Debug for PgWriter {
     }
 }
 
+/// A new writers' connection. Its plans are generic from the first execution: the writes are
+/// looked up by key, so a plan made for their values would be the same plan, made again five
+/// times per text. (Set after connecting rather than as a startup option, which a proxy may
+/// refuse; a server that does not know the setting only plans as it always does.)
+async fn open(options: &PgConnectOptions) -> Result<PgConnection, AppError> {
+    let mut conn = PgConnection::connect_with(options)
+        .await
+        .map_err(AppError::internal)?;
+    if let Err(e) =
+        sea_orm::sqlx::raw_sql(AssertSqlSafe("SET plan_cache_mode = force_generic_plan"))
+            .execute(&mut conn)
+            .await
+    {
+        tracing::warn!(error = %e, "the Postgres writers' connection keeps its default plan cache mode");
+    }
+    Ok(conn)
+}
+
 impl PgWriter {
     /// Connect to `url` (so that a wrong URL fails at start, not at the first write).
     pub(crate) async fn connect(url: &str) -> Result<PgWriter, AppError> {
-        // Generic plans from the first execution: the writes are looked up by key, so a plan
-        // made for their values would be the same plan, made again five times per text.
         let options = PgConnectOptions::from_str(url)
             .map_err(AppError::internal)?
-            .application_name(WRITER_NAME)
-            .options([("plan_cache_mode", "force_generic_plan")]);
-        let conn = PgConnection::connect_with(&options)
-            .await
-            .map_err(AppError::internal)?;
+            .application_name(WRITER_NAME);
+        let conn = open(&options).await?;
         Ok(PgWriter {
             options,
             conn: Some(conn),
@@ -122,9 +135,10 @@ impl PgWriter {
                     "the Postgres writer's connection broke during a write batch"
                 )));
             }
-            let conn = PgConnection::connect_with(&self.options)
-                .await
-                .map_err(AppError::internal)?;
+            let conn = open(&self.options).await?;
+            // A new session: nothing is prepared on it.
+            self.prepared.names.clear();
+            self.prepared.pending.clear();
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("connected above"))
@@ -153,17 +167,33 @@ impl PgWriter {
                 Ok(Some(Either::Right(row))) => rows.push(row),
                 // A statement's end: its rows (none for most) are the last ones so far.
                 Ok(Some(Either::Left(_))) => last = std::mem::take(&mut rows),
-                Ok(None) => {
-                    self.prepared.settled(true);
-                    return Ok(last);
-                }
+                Ok(None) => return Ok(last),
                 Err(e) => {
                     drop(results);
-                    self.prepared.settled(false);
                     return Err(self.failed(e));
                 }
             }
         }
+    }
+
+    /// Send `statements` in one message (see [`PgWriter::message`] and [`PgWriter::send`]); the
+    /// rows of the last. The texts it prepares are counted in `prepares`, whether it succeeds
+    /// or not.
+    pub(crate) async fn send_statements(
+        &mut self,
+        begin: bool,
+        statements: &[(String, Vec<Value>)],
+        prepares: &std::sync::atomic::AtomicU64,
+    ) -> Result<Vec<PgRow>, AppError> {
+        // Connected first: what the message prepares is for the session it goes to.
+        self.conn().await?;
+        let (text, prepared) = self.message(statements)?;
+        prepares.fetch_add(prepared as u64, std::sync::atomic::Ordering::Relaxed);
+        tracing::trace!(target: "vm_workflow::store::sends", sql = %text, "send");
+        let sent = self.send(begin, &text).await;
+        // Not reached if the send is cancelled: the next message settles it as failed.
+        self.prepared.settled(sent.is_ok());
+        sent
     }
 
     /// The text of one message carrying `statements` in order: queries and row changes executed
@@ -175,11 +205,11 @@ impl PgWriter {
         statements: &[(String, Vec<Value>)],
     ) -> Result<(String, usize), AppError> {
         let p = &mut self.prepared;
+        // The last message never settled (its send was cancelled midway): whether its
+        // `PREPARE`s ran is unknown.
+        p.settled(false);
         let mut text = String::new();
-        if p.names.len() + statements.len() > MAX_PREPARED {
-            text.push_str("DEALLOCATE ALL;\n");
-            p.names.clear();
-        }
+        let mut new_texts = 0;
         for (i, (sql, values)) in statements.iter().enumerate() {
             if i > 0 {
                 text.push_str(";\n");
@@ -204,6 +234,14 @@ impl PgWriter {
             let n = match p.names.get(sql) {
                 Some(&n) => n,
                 None => {
+                    if p.names.len() >= MAX_PREPARED {
+                        // Before this text's `PREPARE`: the statements before it in the message
+                        // have run by then, those after it are prepared again.
+                        text.push_str("DEALLOCATE ALL;\n");
+                        p.names.clear();
+                        p.pending.clear();
+                    }
+                    new_texts += 1;
                     let n = p.next;
                     p.next += 1;
                     p.names.insert(sql.clone(), n);
@@ -218,7 +256,7 @@ impl PgWriter {
                 let _ = write!(text, "EXECUTE vm{n}({args})");
             }
         }
-        Ok((text, p.pending.len()))
+        Ok((text, new_texts))
     }
 
     /// Execute one statement with `values` bound (a value that has no literal, see
@@ -228,7 +266,9 @@ impl PgWriter {
         sql: &str,
         values: &[Value],
     ) -> Result<Vec<PgRow>, AppError> {
-        let mut query = sea_orm::sqlx::query(AssertSqlSafe(sql.to_string()));
+        // Not kept prepared by sqlx: a `DEALLOCATE ALL` (see [`PgWriter::message`]) would drop
+        // it behind sqlx's back.
+        let mut query = sea_orm::sqlx::query(AssertSqlSafe(sql.to_string())).persistent(false);
         for value in values {
             query = bind(query, value)?;
         }
@@ -340,7 +380,8 @@ mod tests {
 
     fn writer() -> PgWriter {
         PgWriter {
-            options: PgConnectOptions::from_str("postgres://nobody@127.0.0.1/none").expect("url"),
+            // Nothing listens there: connecting is refused.
+            options: PgConnectOptions::from_str("postgres://nobody@127.0.0.1:1/none").expect("url"),
             conn: None,
             began: false,
             prepared: Prepared::default(),
@@ -402,6 +443,25 @@ mod tests {
             w.message(&second[..1]).expect("message").0,
             "EXECUTE vm0('b', 3)"
         );
+        // A message whose send never ended (cancelled) counts as failed: its new texts are
+        // prepared again by the next one.
+        let cancelled = w.message(&[(
+            "DELETE FROM t WHERE k = $1".to_string(),
+            vec![Value::from(1i64)],
+        )]);
+        assert!(cancelled
+            .expect("message")
+            .0
+            .starts_with("PREPARE vm4 AS DELETE"));
+        let after = w.message(&[(
+            "DELETE FROM t WHERE k = $1".to_string(),
+            vec![Value::from(2i64)],
+        )]);
+        assert!(after
+            .expect("message")
+            .0
+            .starts_with("PREPARE vm5 AS DELETE"));
+        w.prepared.settled(true);
         // A value without a literal never reaches a message, nor does the text it came with
         // count as prepared.
         let bytes = vec![
@@ -416,7 +476,22 @@ mod tests {
             .message(&bytes[..1])
             .expect("message")
             .0
-            .starts_with("PREPARE vm5 AS DELETE"));
+            .starts_with("PREPARE vm7 AS DELETE FROM u"));
+    }
+
+    /// A message is built only once the connection it goes to is there: a send that could not
+    /// connect leaves nothing taken as prepared.
+    #[tokio::test]
+    async fn nothing_is_taken_as_prepared_by_a_send_that_could_not_connect() {
+        let mut w = writer();
+        let prepares = std::sync::atomic::AtomicU64::new(0);
+        let statements = [("UPDATE t SET a = $1".to_string(), vec![Value::from(1i64)])];
+        assert!(w
+            .send_statements(false, &statements, &prepares)
+            .await
+            .is_err());
+        assert!(w.prepared.names.is_empty() && w.prepared.pending.is_empty());
+        assert_eq!(prepares.into_inner(), 0);
     }
 
     /// Past [`MAX_PREPARED`] texts, all are deallocated and prepared again as they come.
@@ -430,14 +505,23 @@ mod tests {
             w.prepared.settled(true);
         }
         assert_eq!(w.prepared.names.len(), MAX_PREPARED);
+        let one = |sql: &str| (sql.to_string(), vec![Value::from(1i64)]);
+        // A known text is executed by name; a new one past the bound deallocates all first,
+        // after which the known one is prepared again.
         let (text, prepares) = w
-            .message(&[("SELECT $1 + 0".to_string(), vec![Value::from(1i64)])])
+            .message(&[
+                one("SELECT $1 + 5"),
+                one("SELECT $1 + x"),
+                one("SELECT $1 + 5"),
+            ])
             .expect("message");
-        assert_eq!(prepares, 1);
-        assert!(
-            text.starts_with("DEALLOCATE ALL;\nPREPARE vm256 AS "),
-            "{text}"
+        assert_eq!(
+            text,
+            "EXECUTE vm5(1);\nDEALLOCATE ALL;\nPREPARE vm256 AS SELECT $1 + x;\nEXECUTE vm256(1);\n\
+             PREPARE vm257 AS SELECT $1 + 5;\nEXECUTE vm257(1)"
         );
-        assert_eq!(w.prepared.names.len(), 1);
+        assert_eq!(prepares, 2);
+        w.prepared.settled(true);
+        assert_eq!(w.prepared.names.len(), 2);
     }
 }
