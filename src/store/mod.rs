@@ -985,62 +985,94 @@ impl Unsent {
 const MAX_UNSENT: usize = 32;
 
 /// Whether every value of `stmt` has a Postgres literal that means the same (see
-/// [`pg_literal`]): such a statement goes in a multi-statement message, executed by name (see
-/// [`pg_writer`]); another is sent prepared, in a round trip of its own.
+/// [`write_pg_literal`]): such a statement goes in a multi-statement message, executed by name
+/// (see [`pg_writer`]); another is sent prepared, in a round trip of its own.
 fn has_literals(stmt: &Statement) -> bool {
     stmt.values
         .as_ref()
-        .is_none_or(|v| v.0.iter().all(|v| pg_literal(v).is_some()))
+        .is_none_or(|v| v.0.iter().all(has_literal))
 }
 
-/// The Postgres literal of a value, as an argument of `EXECUTE`: `None` where none means the
-/// same as the bound value (a string with a NUL character, a float that is not finite, a type
-/// the write path does not use).
+/// Whether `value` has a literal (see [`write_pg_literal`]), found without writing it.
+pub(crate) fn has_literal(value: &sea_orm::Value) -> bool {
+    use sea_orm::Value;
+    match value {
+        Value::String(Some(s)) => !s.contains('\0'),
+        Value::Double(Some(f)) => f.is_finite(),
+        Value::Float(Some(f)) => f.is_finite(),
+        Value::Bool(_)
+        | Value::TinyInt(_)
+        | Value::SmallInt(_)
+        | Value::Int(_)
+        | Value::BigInt(_)
+        | Value::TinyUnsigned(_)
+        | Value::SmallUnsigned(_)
+        | Value::Unsigned(_)
+        | Value::BigUnsigned(_)
+        | Value::String(None)
+        | Value::Double(None)
+        | Value::Float(None) => true,
+        _ => false,
+    }
+}
+
+/// The Postgres literal of a value, as an argument of `EXECUTE`. There is none that means the
+/// same as the bound value for a string with a NUL character, a float that is not finite, or a
+/// type the write path does not use.
 ///
 /// Strings are `'…'` with quotes doubled, and `E'…'` with backslashes doubled when they hold
 /// one: the same whatever `standard_conforming_strings` and `backslash_quote` are. Negative
 /// numbers are parenthesized, floats are typed (`'2.0'::float8`, exact and signed).
-pub(crate) fn pg_literal(value: &sea_orm::Value) -> Option<String> {
+///
+/// Appended to `out`, in place (a message's values are written under the write lock); false,
+/// with nothing appended, when the value has none.
+pub(crate) fn write_pg_literal(out: &mut String, value: &sea_orm::Value) -> bool {
     use sea_orm::Value;
-    fn int(n: impl std::fmt::Display + PartialOrd + Default) -> String {
+    use std::fmt::Write as _;
+    if !has_literal(value) {
+        return false;
+    }
+    fn int(out: &mut String, n: impl std::fmt::Display + PartialOrd + Default) {
         if n < Default::default() {
-            format!("({n})")
+            let _ = write!(out, "({n})");
         } else {
-            n.to_string()
+            let _ = write!(out, "{n}");
         }
     }
-    Some(match value {
-        Value::String(Some(s)) if s.contains('\0') => return None,
-        Value::String(Some(s)) if s.contains('\\') => {
-            format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+    match value {
+        Value::String(Some(s)) => {
+            if s.contains('\\') {
+                out.push('E');
+            }
+            out.reserve(s.len() + 2);
+            out.push('\'');
+            for c in s.chars() {
+                match c {
+                    '\'' => out.push_str("''"),
+                    '\\' => out.push_str("\\\\"),
+                    c => out.push(c),
+                }
+            }
+            out.push('\'');
         }
-        Value::String(Some(s)) => format!("'{}'", s.replace('\'', "''")),
-        Value::Double(Some(f)) if f.is_finite() => format!("'{f:?}'::float8"),
-        Value::Float(Some(f)) if f.is_finite() => format!("'{f:?}'::float4"),
-        Value::Double(Some(_)) | Value::Float(Some(_)) => return None,
-        Value::Bool(Some(b)) => if *b { "TRUE" } else { "FALSE" }.into(),
-        Value::TinyInt(Some(n)) => int(*n),
-        Value::SmallInt(Some(n)) => int(*n),
-        Value::Int(Some(n)) => int(*n),
-        Value::BigInt(Some(n)) => int(*n),
-        Value::TinyUnsigned(Some(n)) => n.to_string(),
-        Value::SmallUnsigned(Some(n)) => n.to_string(),
-        Value::Unsigned(Some(n)) => n.to_string(),
-        Value::BigUnsigned(Some(n)) => n.to_string(),
-        Value::String(None)
-        | Value::Double(None)
-        | Value::Float(None)
-        | Value::Bool(None)
-        | Value::TinyInt(None)
-        | Value::SmallInt(None)
-        | Value::Int(None)
-        | Value::BigInt(None)
-        | Value::TinyUnsigned(None)
-        | Value::SmallUnsigned(None)
-        | Value::Unsigned(None)
-        | Value::BigUnsigned(None) => "NULL".into(),
-        _ => return None,
-    })
+        Value::Double(Some(f)) => {
+            let _ = write!(out, "'{f:?}'::float8");
+        }
+        Value::Float(Some(f)) => {
+            let _ = write!(out, "'{f:?}'::float4");
+        }
+        Value::Bool(Some(b)) => out.push_str(if *b { "TRUE" } else { "FALSE" }),
+        Value::TinyInt(Some(n)) => int(out, *n),
+        Value::SmallInt(Some(n)) => int(out, *n),
+        Value::Int(Some(n)) => int(out, *n),
+        Value::BigInt(Some(n)) => int(out, *n),
+        Value::TinyUnsigned(Some(n)) => int(out, *n),
+        Value::SmallUnsigned(Some(n)) => int(out, *n),
+        Value::Unsigned(Some(n)) => int(out, *n),
+        Value::BigUnsigned(Some(n)) => int(out, *n),
+        _ => out.push_str("NULL"),
+    }
+    true
 }
 
 /// Adds the time a send waited to the send counter when it ends, however it ends.
@@ -1621,7 +1653,15 @@ mod tests {
     #[test]
     fn postgres_values_get_literals_only_where_they_mean_the_same() {
         use sea_orm::Value;
-        let lit = |value: Value| pg_literal(&value);
+        let lit = |value: Value| {
+            let mut out = String::from("x");
+            let written = write_pg_literal(&mut out, &value);
+            assert_eq!(written, has_literal(&value), "{value:?}");
+            if !written {
+                assert_eq!(out, "x", "nothing appended");
+            }
+            written.then(|| out[1..].to_string())
+        };
         assert_eq!(lit("plain".into()).as_deref(), Some("'plain'"));
         assert_eq!(lit("O'Brien".into()).as_deref(), Some("'O''Brien'"));
         assert_eq!(

@@ -218,18 +218,11 @@ impl PgWriter {
                 text.push_str(sql);
                 continue;
             }
-            let mut args = String::new();
-            for (j, value) in values.iter().enumerate() {
-                if j > 0 {
-                    args.push_str(", ");
-                }
-                let Some(literal) = super::pg_literal(value) else {
-                    p.settled(false);
-                    return Err(AppError::internal(anyhow::anyhow!(
-                        "a Postgres write value without a literal reached a message: {value:?}"
-                    )));
-                };
-                args.push_str(&literal);
+            if let Some(value) = values.iter().find(|v| !super::has_literal(v)) {
+                p.settled(false);
+                return Err(AppError::internal(anyhow::anyhow!(
+                    "a Postgres write value without a literal reached a message: {value:?}"
+                )));
             }
             let n = match p.names.get(sql) {
                 Some(&n) => n,
@@ -250,17 +243,20 @@ impl PgWriter {
                     n
                 }
             };
-            if args.is_empty() {
-                let _ = write!(text, "EXECUTE vm{n}");
-            } else {
-                let _ = write!(text, "EXECUTE vm{n}({args})");
+            let _ = write!(text, "EXECUTE vm{n}");
+            for (j, value) in values.iter().enumerate() {
+                text.push_str(if j == 0 { "(" } else { ", " });
+                super::write_pg_literal(&mut text, value);
+            }
+            if !values.is_empty() {
+                text.push(')');
             }
         }
         Ok((text, new_texts))
     }
 
     /// Execute one statement with `values` bound (a value that has no literal, see
-    /// `pg_literal`), inside the open transaction; its rows.
+    /// `has_literal`), inside the open transaction; its rows.
     pub(crate) async fn prepared(
         &mut self,
         sql: &str,
