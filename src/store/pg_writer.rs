@@ -441,22 +441,17 @@ mod tests {
         );
         // A message whose send never ended (cancelled) counts as failed: its new texts are
         // prepared again by the next one.
-        let cancelled = w.message(&[(
-            "DELETE FROM t WHERE k = $1".to_string(),
-            vec![Value::from(1i64)],
-        )]);
-        assert!(cancelled
-            .expect("message")
-            .0
-            .starts_with("PREPARE vm4 AS DELETE"));
-        let after = w.message(&[(
-            "DELETE FROM t WHERE k = $1".to_string(),
-            vec![Value::from(2i64)],
-        )]);
-        assert!(after
-            .expect("message")
-            .0
-            .starts_with("PREPARE vm5 AS DELETE"));
+        for (k, name) in [(1i64, "vm4"), (2, "vm5")] {
+            let sql = "DELETE FROM t WHERE k = $1".to_string();
+            let text = w
+                .message(&[(sql, vec![Value::from(k)])])
+                .expect("message")
+                .0;
+            assert!(
+                text.starts_with(&format!("PREPARE {name} AS DELETE")),
+                "{text}"
+            );
+        }
         w.prepared.settled(true);
         // A value without a literal never reaches a message, nor does the text it came with
         // count as prepared.
