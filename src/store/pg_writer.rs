@@ -136,7 +136,8 @@ impl PgWriter {
                 )));
             }
             let conn = open(&self.options).await?;
-            // A new session: nothing is prepared on it.
+            // A new session: nothing is prepared on it. (Messages are built only once their
+            // connection is there, see `send_statements`.)
             self.prepared.names.clear();
             self.prepared.pending.clear();
             self.conn = Some(conn);
@@ -198,9 +199,9 @@ impl PgWriter {
 
     /// The text of one message carrying `statements` in order: queries and row changes executed
     /// by name with their values as literals (prepared first where the connection does not
-    /// have them yet), the others (`SAVEPOINT`, `COMMIT`…) as they are; and how many texts it prepares. To be sent by the next
-    /// [`PgWriter::send`].
-    pub(crate) fn message(
+    /// have them yet), the others (`SAVEPOINT`, `COMMIT`…) as they are; and how many texts it
+    /// prepares. For the connection that is there (see [`PgWriter::send_statements`]).
+    fn message(
         &mut self,
         statements: &[(String, Vec<Value>)],
     ) -> Result<(String, usize), AppError> {
@@ -217,12 +218,6 @@ impl PgWriter {
             if !preparable(sql) {
                 text.push_str(sql);
                 continue;
-            }
-            if let Some(value) = values.iter().find(|v| !super::has_literal(v)) {
-                p.settled(false);
-                return Err(AppError::internal(anyhow::anyhow!(
-                    "a Postgres write value without a literal reached a message: {value:?}"
-                )));
             }
             let n = match p.names.get(sql) {
                 Some(&n) => n,
@@ -246,7 +241,12 @@ impl PgWriter {
             let _ = write!(text, "EXECUTE vm{n}");
             for (j, value) in values.iter().enumerate() {
                 text.push_str(if j == 0 { "(" } else { ", " });
-                super::write_pg_literal(&mut text, value);
+                // Not sent: a text it prepared is forgotten by the next message.
+                if !super::write_pg_literal(&mut text, value) {
+                    return Err(AppError::internal(anyhow::anyhow!(
+                        "a Postgres write value without a literal reached a message: {value:?}"
+                    )));
+                }
             }
             if !values.is_empty() {
                 text.push(')');
@@ -306,37 +306,29 @@ impl PgWriter {
             .await
         {
             tracing::warn!(error = %e, "rolling the Postgres write batch back failed; reconnecting");
-            self.drop_conn();
+            self.conn = None;
         }
     }
 
     /// Drop the connection: Postgres rolls back what was open on it. The next batch connects
     /// again.
     pub(crate) fn disconnect(&mut self) {
-        self.drop_conn();
+        self.conn = None;
         self.began = false;
     }
 
     /// Close the connection (at a graceful stop).
     pub(crate) async fn close(&mut self) {
-        self.prepared.names.clear();
         if let Some(conn) = self.conn.take() {
             let _ = conn.close().await;
         }
-    }
-
-    /// Forget the connection (and with it what was prepared on it): the next send connects
-    /// again.
-    fn drop_conn(&mut self) {
-        self.conn = None;
-        self.prepared.names.clear();
     }
 
     /// A failed statement's error. A connection that failed for any other reason than the
     /// database refusing a statement (I/O, protocol) is dropped: what it had open is gone.
     fn failed(&mut self, e: sea_orm::sqlx::Error) -> AppError {
         if !matches!(e, sea_orm::sqlx::Error::Database(_)) {
-            self.drop_conn();
+            self.conn = None;
         }
         AppError::from(DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e))))
     }
