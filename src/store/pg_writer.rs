@@ -16,6 +16,10 @@
 //! that `PREPARE` ran is unknown, and names are never reused, so it is only forgotten, never
 //! mistaken.
 //!
+//! sqlx's statement logging is off on this connection: a slow message was logged whole at
+//! `WARN`, every value in it (a seeding batch: a 10 MB line of the users' text). A message
+//! slower than [`SLOW_MESSAGE`] is reported by [`PgWriter::send`] with its size instead.
+//!
 //! The connection is used only by the holder of the write turn. If it breaks, every later use
 //! fails until the next batch, which connects again: nothing written after the break can
 //! land outside the batch's transaction (a pool would hand out a new connection instead, on
@@ -24,15 +28,19 @@
 use crate::error::AppError;
 use futures::TryStreamExt;
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
-use sea_orm::sqlx::{AssertSqlSafe, Connection, Either};
+use sea_orm::sqlx::{AssertSqlSafe, ConnectOptions as _, Connection, Either};
 use sea_orm::{DbErr, RuntimeErr, Value};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// The connection's `application_name` (in `pg_stat_activity`, say).
 const WRITER_NAME: &str = "vm-workflow writer";
+
+/// A message taking longer than this is reported (its size and time, never its text).
+const SLOW_MESSAGE: Duration = Duration::from_secs(1);
 
 /// Most statements kept prepared on the connection: past it, all are deallocated and prepared
 /// again as they come (a workload uses a few dozen texts; multi-row inserts add one per row
@@ -111,7 +119,8 @@ impl PgWriter {
     pub(crate) async fn connect(url: &str) -> Result<PgWriter, AppError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(AppError::internal)?
-            .application_name(WRITER_NAME);
+            .application_name(WRITER_NAME)
+            .disable_statement_logging();
         let conn = open(&options).await?;
         Ok(PgWriter {
             options,
@@ -159,22 +168,33 @@ impl PgWriter {
         } else {
             sql.to_string()
         };
+        let (statements, bytes) = (text.matches(";\n").count() + 1, text.len());
+        let began = Instant::now();
         let conn = self.conn.as_mut().expect("connected above");
         let mut results = sea_orm::sqlx::raw_sql(AssertSqlSafe(text)).fetch_many(conn);
         let mut rows = Vec::new();
         let mut last = Vec::new();
-        loop {
+        let result = loop {
             match results.try_next().await {
                 Ok(Some(Either::Right(row))) => rows.push(row),
                 // A statement's end: its rows (none for most) are the last ones so far.
                 Ok(Some(Either::Left(_))) => last = std::mem::take(&mut rows),
-                Ok(None) => return Ok(last),
-                Err(e) => {
-                    drop(results);
-                    return Err(self.failed(e));
-                }
+                Ok(None) => break Ok(last),
+                Err(e) => break Err(e),
             }
+        };
+        drop(results);
+        let elapsed = began.elapsed();
+        if elapsed > SLOW_MESSAGE {
+            tracing::warn!(
+                elapsed_ms = elapsed.as_millis() as u64,
+                statements,
+                bytes,
+                ok = result.is_ok(),
+                "a slow message on the Postgres writers' connection"
+            );
         }
+        result.map_err(|e| self.failed(e))
     }
 
     /// Send `statements` in one message (see [`PgWriter::message`] and [`PgWriter::send`]); the
@@ -475,6 +495,52 @@ mod tests {
             .is_err());
         assert!(w.prepared.names.is_empty() && w.prepared.pending.is_empty());
         assert_eq!(prepares.into_inner(), 0);
+    }
+
+    /// What the connection carries stays out of the log, however slow (sqlx logged a slow
+    /// message whole, values and all); a slow message is reported by its size and time. On the
+    /// Postgres of `VM_TEST_DATABASE_URL` (its admin database, nothing written).
+    #[tokio::test]
+    async fn a_slow_message_is_reported_without_its_text() {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                crate::sync::lock(&self.0).extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let url = std::env::var("VM_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+        let mut w = PgWriter::connect(&url)
+            .await
+            .expect("Postgres (VM_TEST_DATABASE_URL)");
+        let slow = "SELECT pg_sleep(1.1), 'a user''s text';\nSELECT 'more of it'";
+        let rows = w.send(false, slow).await.expect("send");
+        assert_eq!(rows.len(), 1);
+        w.close().await;
+        let log = String::from_utf8(crate::sync::lock(&sink.0).clone()).expect("utf-8");
+        assert!(
+            log.contains("a slow message on the Postgres writers' connection")
+                && log.contains("statements=2")
+                && log.contains(&format!("bytes={}", slow.len())),
+            "{log}"
+        );
+        assert!(
+            !log.contains("user''s text") && !log.contains("more of it"),
+            "{log}"
+        );
     }
 
     /// Past [`MAX_PREPARED`] texts, all are deallocated and prepared again as they come.
