@@ -486,6 +486,40 @@ async fn run_commands_decide_on_the_cached_copy(backend: Backend) {
     );
 }
 
+/// A run command takes the cached copy once its write turn is its own, not before it waits: a
+/// client approves as soon as it sees a gate, which it sees when the worker's batch commits,
+/// possibly before the worker has put the new state in the cache. An approval that waited for
+/// its turn while the copy was brought up to date is decided on the new copy, in as few sends as
+/// on a current one (on the copy it found when it came, it would be refused, check the stored
+/// version and read the stored run first).
+async fn a_run_command_takes_the_copy_recorded_while_it_waited(backend: Backend) {
+    let (app, services, store, thread) = stepped_by_hand(backend).await;
+    let sends = |s: &Store| s.write_stats().sends();
+    let run = app.start_run_id(&thread, "content_calendar").await;
+    let (running, gate) = drive_to_rest(&services, &run).await;
+    assert_eq!(gate.run.status, RunStatus::WaitingApproval);
+    // The gate is committed; the cache still holds the copy before it.
+    services.runs.put(&running);
+    let held = store.write().await.expect("a turn held");
+    let before = sends(&store);
+    let recorded = async {
+        while store.queued_writers() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        services.runs.put(&gate);
+        held.commit().await.expect("the held turn commits");
+    };
+    let (approved, ()) = tokio::join!(app.approve(&run, None), recorded);
+    assert_eq!(
+        approved["approval"]["stageKey"],
+        json!(gate.run.current_stage),
+        "{approved}"
+    );
+    // As in `run_commands_decide_on_the_cached_copy`.
+    let expected = if store.is_postgres() { 2 } else { 1 };
+    assert_eq!(sends(&store) - before, expected);
+}
+
 /// A turn that appends to a run several times writes the run's rows once, as its last append
 /// left them, and its events in one insert: completing the first stage
 /// and reaching the next gate is two appends in one turn. What the turn leaves is what
@@ -962,6 +996,7 @@ crate::both_backends!(
     awkward_text_round_trips,
     a_claim_steps_or_leaves_nothing,
     run_commands_decide_on_the_cached_copy,
+    a_run_command_takes_the_copy_recorded_while_it_waited,
     a_turns_appends_write_a_runs_rows_once,
     a_hand_off_leases_the_row_its_turn_writes,
     write_turns_account_for_their_time,
