@@ -103,6 +103,11 @@ impl RunCache {
         runs.insert(state.run.id.clone(), state.clone());
     }
 
+    /// Whether a copy of the run is kept.
+    pub fn has(&self, run_id: &str) -> bool {
+        self.lock().contains_key(run_id)
+    }
+
     pub fn forget(&self, run_id: &str) {
         self.lock().remove(run_id);
     }

@@ -232,20 +232,22 @@ impl Services {
         run_id: &str,
         decide: impl Fn(&RunState) -> Result<(Vec<DomainEvent>, bool), AppError>,
     ) -> Result<RunOutcome, AppError> {
-        self.on_copy_or_stored(run_id, self.runs.get(run_id), |copy| {
-            self.run_command_on(caller, &idem, run_id, copy, &decide)
+        // The copy itself is taken once the command's turn comes (see `run_command_on`).
+        let cached = self.runs.has(run_id).then_some(CachedCopy);
+        self.on_copy_or_stored(run_id, cached, |cached| {
+            self.run_command_on(caller, &idem, run_id, cached, &decide)
         })
         .await
     }
 
-    /// Take `attempt` on `copy` (this process's last committed copy of the run) if given, and,
-    /// if the copy turns out stale (`CONFLICT`), once more on the stored run (`None`); the stale
-    /// copy is forgotten.
-    async fn on_copy_or_stored<T, Attempt>(
+    /// Take `attempt` on `copy` (this process's last committed copy of the run, or what stands
+    /// for it) if given, and, if the copy turns out stale (`CONFLICT`), once more on the stored
+    /// run (`None`); the stale copy is forgotten.
+    async fn on_copy_or_stored<C, T, Attempt>(
         &self,
         run_id: &str,
-        copy: Option<RunState>,
-        attempt: impl Fn(Option<RunState>) -> Attempt,
+        copy: Option<C>,
+        attempt: impl Fn(Option<C>) -> Attempt,
     ) -> Result<T, AppError>
     where
         Attempt: std::future::Future<Output = Result<T, AppError>>,
@@ -262,22 +264,24 @@ impl Services {
         attempt(None).await
     }
 
-    /// One write turn of [`Services::run_command`], deciding on `copy` if given, or on a later
-    /// copy the cache has by the time the turn is ours.
+    /// One write turn of [`Services::run_command`]: deciding on the cache's copy of the run
+    /// when `cached`, else on the stored run.
     async fn run_command_on(
         &self,
         caller: &Caller,
         idem: &Idempotency,
         run_id: &str,
-        copy: Option<RunState>,
+        cached: Option<CachedCopy>,
         decide: &impl Fn(&RunState) -> Result<(Vec<DomainEvent>, bool), AppError>,
     ) -> Result<RunOutcome, AppError> {
         let mut w = self.store.write().await?;
-        // While this waited for its turn, the run's last turn may have been recorded: a client
-        // approves as soon as it sees a gate, and it sees the gate when the worker's batch
-        // commits, before the worker has put the new state in the cache. A copy taken before
-        // the wait was stale for 9 % of approvals at C=50 (each a failed send and a turn again).
-        let copy = copy.map(|c| self.runs.get(run_id).unwrap_or(c));
+        // The copy is taken now, not before the wait for the turn: meanwhile the run's last
+        // turn may have been recorded. A client approves as soon as it sees a gate, and it sees
+        // the gate when the worker's batch commits, before the worker has put the new state in
+        // the cache: a copy taken before the wait was stale for 9 % of approvals at C=50 (each
+        // a failed send and a turn again). A copy gone meanwhile (the run finished, or a turn on
+        // it failed) leaves the stored run.
+        let copy = cached.and_then(|CachedCopy| self.runs.get(run_id));
         if let Some(replay) = w.replayed::<RunOutcome>(idem).await? {
             w.commit().await?;
             return Ok(replay);
@@ -736,6 +740,10 @@ async fn commit_handing(w: WriteTx, handed: &mut Option<HandedOff>) -> Result<()
     }
     committed
 }
+
+/// Stands for the run cache's copy of a run in [`Services::run_command`]: the copy itself is
+/// taken once the command's write turn comes.
+struct CachedCopy;
 
 /// Give back a run leased to a worker that will not drive it, and wake a worker for it.
 async fn give_back(

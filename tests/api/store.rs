@@ -503,9 +503,14 @@ async fn a_run_command_takes_the_copy_recorded_while_it_waited(backend: Backend)
     let held = store.write().await.expect("a turn held");
     let before = sends(&store);
     let recorded = async {
-        while store.queued_writers() == 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
+        let queued = async {
+            while store.queued_writers() == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), queued)
+            .await
+            .expect("the approval waits for its turn");
         services.runs.put(&gate);
         held.commit().await.expect("the held turn commits");
     };
