@@ -400,7 +400,7 @@ impl Batch {
                 let w = w.get_mut();
                 if w.began() {
                     let undo = format!("{ROLLBACK_TO};\n{RELEASE}");
-                    w.send(false, &undo).await.map(|_| ())
+                    w.send(false, undo).await.map(|_| ())
                 } else {
                     Ok(())
                 }
@@ -985,94 +985,12 @@ impl Unsent {
 const MAX_UNSENT: usize = 32;
 
 /// Whether every value of `stmt` has a Postgres literal that means the same (see
-/// [`write_pg_literal`]): such a statement goes in a multi-statement message, executed by name
-/// (see [`pg_writer`]); another is sent prepared, in a round trip of its own.
+/// [`pg_writer::write_pg_literal`]): such a statement goes in a multi-statement message,
+/// executed by name (see [`pg_writer`]); another is sent prepared, in a round trip of its own.
 fn has_literals(stmt: &Statement) -> bool {
     stmt.values
         .as_ref()
-        .is_none_or(|v| v.0.iter().all(has_literal))
-}
-
-/// Whether `value` has a literal (see [`write_pg_literal`]), found without writing it.
-pub(crate) fn has_literal(value: &sea_orm::Value) -> bool {
-    use sea_orm::Value;
-    match value {
-        Value::String(Some(s)) => !s.contains('\0'),
-        Value::Double(Some(f)) => f.is_finite(),
-        Value::Float(Some(f)) => f.is_finite(),
-        Value::Bool(_)
-        | Value::TinyInt(_)
-        | Value::SmallInt(_)
-        | Value::Int(_)
-        | Value::BigInt(_)
-        | Value::TinyUnsigned(_)
-        | Value::SmallUnsigned(_)
-        | Value::Unsigned(_)
-        | Value::BigUnsigned(_)
-        | Value::String(None)
-        | Value::Double(None)
-        | Value::Float(None) => true,
-        _ => false,
-    }
-}
-
-/// The Postgres literal of a value, as an argument of `EXECUTE`. There is none that means the
-/// same as the bound value for a string with a NUL character, a float that is not finite, or a
-/// type the write path does not use.
-///
-/// Strings are `'…'` with quotes doubled, and `E'…'` with backslashes doubled when they hold
-/// one: the same whatever `standard_conforming_strings` and `backslash_quote` are. Negative
-/// numbers are parenthesized, floats are typed (`'2.0'::float8`, exact and signed).
-///
-/// Appended to `out`, in place (a message's values are written under the write lock); false,
-/// with nothing appended, when the value has none.
-pub(crate) fn write_pg_literal(out: &mut String, value: &sea_orm::Value) -> bool {
-    use sea_orm::Value;
-    use std::fmt::Write as _;
-    if !has_literal(value) {
-        return false;
-    }
-    fn int(out: &mut String, n: impl std::fmt::Display + PartialOrd + Default) {
-        if n < Default::default() {
-            let _ = write!(out, "({n})");
-        } else {
-            let _ = write!(out, "{n}");
-        }
-    }
-    match value {
-        Value::String(Some(s)) => {
-            if s.contains('\\') {
-                out.push('E');
-            }
-            out.reserve(s.len() + 2);
-            out.push('\'');
-            for c in s.chars() {
-                match c {
-                    '\'' => out.push_str("''"),
-                    '\\' => out.push_str("\\\\"),
-                    c => out.push(c),
-                }
-            }
-            out.push('\'');
-        }
-        Value::Double(Some(f)) => {
-            let _ = write!(out, "'{f:?}'::float8");
-        }
-        Value::Float(Some(f)) => {
-            let _ = write!(out, "'{f:?}'::float4");
-        }
-        Value::Bool(Some(b)) => out.push_str(if *b { "TRUE" } else { "FALSE" }),
-        Value::TinyInt(Some(n)) => int(out, *n),
-        Value::SmallInt(Some(n)) => int(out, *n),
-        Value::Int(Some(n)) => int(out, *n),
-        Value::BigInt(Some(n)) => int(out, *n),
-        Value::TinyUnsigned(Some(n)) => int(out, *n),
-        Value::SmallUnsigned(Some(n)) => int(out, *n),
-        Value::Unsigned(Some(n)) => int(out, *n),
-        Value::BigUnsigned(Some(n)) => int(out, *n),
-        _ => out.push_str("NULL"),
-    }
-    true
+        .is_none_or(|v| v.0.iter().all(pg_writer::has_literal))
 }
 
 /// Adds the time a send waited to the send counter when it ends, however it ends.
@@ -1646,53 +1564,6 @@ mod tests {
         assert!(!y.worth_it());
         y.record(true);
         assert!(y.worth_it(), "a writer came: yield again");
-    }
-
-    /// Postgres writes are executed by name with their values as literals; a value without a
-    /// literal that means the same keeps its statement prepared, in a round trip of its own.
-    #[test]
-    fn postgres_values_get_literals_only_where_they_mean_the_same() {
-        use sea_orm::Value;
-        let lit = |value: Value| {
-            let mut out = String::from("x");
-            let written = write_pg_literal(&mut out, &value);
-            assert_eq!(written, has_literal(&value), "{value:?}");
-            if !written {
-                assert_eq!(out, "x", "nothing appended");
-            }
-            written.then(|| out[1..].to_string())
-        };
-        assert_eq!(lit("plain".into()).as_deref(), Some("'plain'"));
-        assert_eq!(lit("O'Brien".into()).as_deref(), Some("'O''Brien'"));
-        assert_eq!(
-            lit("a\\'b\n\u{1}".into()).as_deref(),
-            Some("E'a\\\\''b\n\u{1}'")
-        );
-        assert_eq!(lit("it's $1 ?".into()).as_deref(), Some("'it''s $1 ?'"));
-        assert_eq!(lit(Value::String(None)).as_deref(), Some("NULL"));
-        assert_eq!(lit(2.5f64.into()).as_deref(), Some("'2.5'::float8"));
-        assert_eq!(lit(2.0f64.into()).as_deref(), Some("'2.0'::float8"));
-        assert_eq!(lit((-0.0f64).into()).as_deref(), Some("'-0.0'::float8"));
-        assert_eq!(lit(0.1f32.into()).as_deref(), Some("'0.1'::float4"));
-        assert_eq!(lit(true.into()).as_deref(), Some("TRUE"));
-        assert_eq!(lit((-7i64).into()).as_deref(), Some("(-7)"));
-        assert_eq!(lit(7i32.into()).as_deref(), Some("7"));
-        for kept in [
-            Value::from("nul\0inside"),
-            Value::from(f64::NAN),
-            Value::from(f64::INFINITY),
-            Value::from(vec![1u8, 2]),
-        ] {
-            assert_eq!(lit(kept.clone()), None, "{kept:?}");
-            let stmt = Statement::from_sql_and_values(DbBackend::Postgres, "SELECT $1", [kept]);
-            assert!(!has_literals(&stmt));
-        }
-        let stmt = Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT $1, $2",
-            [Value::from(1i64), Value::from("x")],
-        );
-        assert!(has_literals(&stmt));
     }
 
     /// The rows of `probe` as another connection sees them (committed ones only).

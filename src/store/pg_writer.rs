@@ -70,11 +70,19 @@ impl Prepared {
     /// The message carrying the pending `PREPARE`s succeeded, or failed: then whether they
     /// ran is unknown, and their texts get new names when they come again.
     fn settled(&mut self, ok: bool) {
-        for text in std::mem::take(&mut self.pending) {
-            if !ok {
+        let pending = std::mem::take(&mut self.pending);
+        if !ok {
+            for text in pending {
                 self.names.remove(&text);
             }
         }
+    }
+
+    /// Nothing is prepared any more (a new session, or `DEALLOCATE ALL`). Names go on from
+    /// where they were: they are never reused.
+    fn forget_all(&mut self) {
+        self.names.clear();
+        self.pending.clear();
     }
 }
 
@@ -147,8 +155,7 @@ impl PgWriter {
             let conn = open(&self.options).await?;
             // A new session: nothing is prepared on it. (Messages are built only once their
             // connection is there, see `send_statements`.)
-            self.prepared.names.clear();
-            self.prepared.pending.clear();
+            self.prepared.forget_all();
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("connected above"))
@@ -158,20 +165,23 @@ impl PgWriter {
     /// [`PgWriter::message`]) in one round trip, after `BEGIN` when `begin`; the rows of its
     /// last statement. A failure may leave some of its statements applied: the caller rolls
     /// back (to a savepoint, or all).
-    pub(crate) async fn send(&mut self, begin: bool, sql: &str) -> Result<Vec<PgRow>, AppError> {
+    pub(crate) async fn send(
+        &mut self,
+        begin: bool,
+        mut sql: String,
+    ) -> Result<Vec<PgRow>, AppError> {
         self.conn().await?;
-        let text = if begin {
+        if begin {
             // Counted as begun before it is sent: if the message fails midway, whether `BEGIN`
             // ran is unknown, and a `ROLLBACK` of nothing is harmless.
             self.began = true;
-            format!("BEGIN;\n{sql}")
-        } else {
-            sql.to_string()
-        };
-        let (statements, bytes) = (text.matches(";\n").count() + 1, text.len());
+            sql.insert_str(0, "BEGIN;\n");
+        }
+        // Shared with sqlx, not copied: kept for the report of a slow message.
+        let text = Arc::new(sql);
         let began = Instant::now();
         let conn = self.conn.as_mut().expect("connected above");
-        let mut results = sea_orm::sqlx::raw_sql(AssertSqlSafe(text)).fetch_many(conn);
+        let mut results = sea_orm::sqlx::raw_sql(AssertSqlSafe(text.clone())).fetch_many(conn);
         let mut rows = Vec::new();
         let mut last = Vec::new();
         let result = loop {
@@ -188,8 +198,8 @@ impl PgWriter {
         if elapsed > SLOW_MESSAGE {
             tracing::warn!(
                 elapsed_ms = elapsed.as_millis() as u64,
-                statements,
-                bytes,
+                statements = text.matches(";\n").count() + 1,
+                bytes = text.len(),
                 ok = result.is_ok(),
                 "a slow message on the Postgres writers' connection"
             );
@@ -211,7 +221,7 @@ impl PgWriter {
         let (text, prepared) = self.message(statements)?;
         prepares.fetch_add(prepared as u64, std::sync::atomic::Ordering::Relaxed);
         tracing::trace!(target: "vm_workflow::store::sends", sql = %text, "send");
-        let sent = self.send(begin, &text).await;
+        let sent = self.send(begin, text).await;
         // Not reached if the send is cancelled: the next message settles it as failed.
         self.prepared.settled(sent.is_ok());
         sent
@@ -246,8 +256,7 @@ impl PgWriter {
                         // Before this text's `PREPARE`: the statements before it in the message
                         // have run by then, those after it are prepared again.
                         text.push_str("DEALLOCATE ALL;\n");
-                        p.names.clear();
-                        p.pending.clear();
+                        p.forget_all();
                     }
                     new_texts += 1;
                     let n = p.next;
@@ -262,7 +271,7 @@ impl PgWriter {
             for (j, value) in values.iter().enumerate() {
                 text.push_str(if j == 0 { "(" } else { ", " });
                 // Not sent: a text it prepared is forgotten by the next message.
-                if !super::write_pg_literal(&mut text, value) {
+                if !write_pg_literal(&mut text, value) {
                     return Err(AppError::internal(anyhow::anyhow!(
                         "a Postgres write value without a literal reached a message: {value:?}"
                     )));
@@ -301,7 +310,7 @@ impl PgWriter {
         if !self.began {
             return Ok(());
         }
-        let committed = self.send(false, "COMMIT").await;
+        let committed = self.send(false, "COMMIT".to_string()).await;
         if committed.is_err() {
             self.rollback().await;
         }
@@ -354,6 +363,85 @@ impl PgWriter {
     }
 }
 
+/// Whether `value` has a literal (see [`write_pg_literal`]), found without writing it.
+pub(super) fn has_literal(value: &Value) -> bool {
+    match value {
+        Value::String(Some(s)) => !s.contains('\0'),
+        Value::Double(Some(f)) => f.is_finite(),
+        Value::Float(Some(f)) => f.is_finite(),
+        Value::Bool(_)
+        | Value::TinyInt(_)
+        | Value::SmallInt(_)
+        | Value::Int(_)
+        | Value::BigInt(_)
+        | Value::TinyUnsigned(_)
+        | Value::SmallUnsigned(_)
+        | Value::Unsigned(_)
+        | Value::BigUnsigned(_)
+        | Value::String(None)
+        | Value::Double(None)
+        | Value::Float(None) => true,
+        _ => false,
+    }
+}
+
+/// The Postgres literal of a value, as an argument of `EXECUTE`. There is none that means the
+/// same as the bound value for a string with a NUL character, a float that is not finite, or a
+/// type the write path does not use.
+///
+/// Strings are `'…'` with quotes doubled, and `E'…'` with backslashes doubled when they hold
+/// one: the same whatever `standard_conforming_strings` and `backslash_quote` are. Negative
+/// numbers are parenthesized, floats are typed (`'2.0'::float8`, exact and signed).
+///
+/// Appended to `out`, in place (a message's values are written under the write lock); false,
+/// with nothing appended, when the value has none.
+fn write_pg_literal(out: &mut String, value: &Value) -> bool {
+    if !has_literal(value) {
+        return false;
+    }
+    fn int(out: &mut String, n: impl std::fmt::Display + PartialOrd + Default) {
+        if n < Default::default() {
+            let _ = write!(out, "({n})");
+        } else {
+            let _ = write!(out, "{n}");
+        }
+    }
+    match value {
+        Value::String(Some(s)) => {
+            if s.contains('\\') {
+                out.push('E');
+            }
+            out.reserve(s.len() + 2);
+            out.push('\'');
+            for c in s.chars() {
+                match c {
+                    '\'' => out.push_str("''"),
+                    '\\' => out.push_str("\\\\"),
+                    c => out.push(c),
+                }
+            }
+            out.push('\'');
+        }
+        Value::Double(Some(f)) => {
+            let _ = write!(out, "'{f:?}'::float8");
+        }
+        Value::Float(Some(f)) => {
+            let _ = write!(out, "'{f:?}'::float4");
+        }
+        Value::Bool(Some(b)) => out.push_str(if *b { "TRUE" } else { "FALSE" }),
+        Value::TinyInt(Some(n)) => int(out, *n),
+        Value::SmallInt(Some(n)) => int(out, *n),
+        Value::Int(Some(n)) => int(out, *n),
+        Value::BigInt(Some(n)) => int(out, *n),
+        Value::TinyUnsigned(Some(n)) => int(out, *n),
+        Value::SmallUnsigned(Some(n)) => int(out, *n),
+        Value::Unsigned(Some(n)) => int(out, *n),
+        Value::BigUnsigned(Some(n)) => int(out, *n),
+        _ => out.push_str("NULL"),
+    }
+    true
+}
+
 type PgQuery = sea_orm::sqlx::query::Query<
     'static,
     sea_orm::sqlx::Postgres,
@@ -385,6 +473,57 @@ fn bind(query: PgQuery, value: &Value) -> Result<PgQuery, AppError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Postgres writes are executed by name with their values as literals; a value without a
+    /// literal that means the same keeps its statement prepared, in a round trip of its own.
+    #[test]
+    fn postgres_values_get_literals_only_where_they_mean_the_same() {
+        use sea_orm::Value;
+        let lit = |value: Value| {
+            let mut out = String::from("x");
+            let written = write_pg_literal(&mut out, &value);
+            assert_eq!(written, has_literal(&value), "{value:?}");
+            if !written {
+                assert_eq!(out, "x", "nothing appended");
+            }
+            written.then(|| out[1..].to_string())
+        };
+        assert_eq!(lit("plain".into()).as_deref(), Some("'plain'"));
+        assert_eq!(lit("O'Brien".into()).as_deref(), Some("'O''Brien'"));
+        assert_eq!(
+            lit("a\\'b\n\u{1}".into()).as_deref(),
+            Some("E'a\\\\''b\n\u{1}'")
+        );
+        assert_eq!(lit("it's $1 ?".into()).as_deref(), Some("'it''s $1 ?'"));
+        assert_eq!(lit(Value::String(None)).as_deref(), Some("NULL"));
+        assert_eq!(lit(2.5f64.into()).as_deref(), Some("'2.5'::float8"));
+        assert_eq!(lit(2.0f64.into()).as_deref(), Some("'2.0'::float8"));
+        assert_eq!(lit((-0.0f64).into()).as_deref(), Some("'-0.0'::float8"));
+        assert_eq!(lit(0.1f32.into()).as_deref(), Some("'0.1'::float4"));
+        assert_eq!(lit(true.into()).as_deref(), Some("TRUE"));
+        assert_eq!(lit((-7i64).into()).as_deref(), Some("(-7)"));
+        assert_eq!(lit(7i32.into()).as_deref(), Some("7"));
+        for kept in [
+            Value::from("nul\0inside"),
+            Value::from(f64::NAN),
+            Value::from(f64::INFINITY),
+            Value::from(vec![1u8, 2]),
+        ] {
+            assert_eq!(lit(kept.clone()), None, "{kept:?}");
+            let stmt = sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT $1",
+                [kept],
+            );
+            assert!(!super::super::has_literals(&stmt));
+        }
+        let stmt = sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT $1, $2",
+            [Value::from(1i64), Value::from("x")],
+        );
+        assert!(super::super::has_literals(&stmt));
+    }
 
     fn writer() -> PgWriter {
         PgWriter {
@@ -527,7 +666,7 @@ mod tests {
             .await
             .expect("Postgres (VM_TEST_DATABASE_URL)");
         let slow = "SELECT pg_sleep(1.1), 'a user''s text';\nSELECT 'more of it'";
-        let rows = w.send(false, slow).await.expect("send");
+        let rows = w.send(false, slow.to_string()).await.expect("send");
         assert_eq!(rows.len(), 1);
         w.close().await;
         let log = String::from_utf8(crate::sync::lock(&sink.0).clone()).expect("utf-8");
