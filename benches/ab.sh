@@ -37,6 +37,9 @@ mkdir -p "$out"
 ulimit -n 20000 2>/dev/null || true
 addr=127.0.0.1:18766
 pg_base=${DATABASE_URL:-}
+# Its parameters (`?sslmode=…`) go with every run's database too.
+pg_path=${pg_base%%\?*}
+pg_query=${pg_base#"$pg_path"}
 unset DATABASE_URL
 # The server of the run in progress: stopped too when this script is interrupted, so that the
 # next invocation finds the port free.
@@ -56,7 +59,7 @@ one() { # one BUILD_DIR LABEL loadgen-flags...
     db=vm_ab_$(basename "$data" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' _)
     psql -q "$pg_base" -c "CREATE DATABASE $db"
   fi
-  env ${db:+DATABASE_URL=${pg_base%/*}/$db} "$bin/vm-workflow" --data-dir "$data" --bind "$addr" serve \
+  env ${db:+DATABASE_URL=${pg_path%/*}/$db$pg_query} "$bin/vm-workflow" --data-dir "$data" --bind "$addr" serve \
     >"$data.log" 2>&1 &
   pid=$!
   server=$pid

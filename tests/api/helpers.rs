@@ -145,6 +145,13 @@ impl TestApp {
     }
 
     pub async fn spawn_with(opts: Options) -> TestApp {
+        Self::try_spawn_with(opts)
+            .await
+            .expect("application builds")
+    }
+
+    /// [`TestApp::spawn_with`], with the application's failure to build returned.
+    pub async fn try_spawn_with(opts: Options) -> anyhow::Result<TestApp> {
         init_test_logs();
         let (tmp, data_dir) = match opts.data_dir.clone() {
             Some(d) => (None, d),
@@ -181,9 +188,7 @@ impl TestApp {
             std::fs::write(&path, yaml).expect("write profiles");
             config.profiles_path = Some(path);
         }
-        let app = Application::build(config)
-            .await
-            .expect("application builds");
+        let app = Application::build(config).await?;
         let url = format!("http://{}", app.addr());
         let services = app.services.clone();
         let renders = app.renders.clone();
@@ -197,7 +202,7 @@ impl TestApp {
             .await
             .expect("server runs");
         });
-        TestApp {
+        Ok(TestApp {
             url,
             client: reqwest::Client::new(),
             services,
@@ -209,7 +214,7 @@ impl TestApp {
             _tmp: tmp,
             stop: Some(tx),
             server: Some(server),
-        }
+        })
     }
 
     /// A second handle on a running app (for tasks that drive it concurrently); stops nothing.

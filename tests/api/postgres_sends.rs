@@ -234,3 +234,174 @@ async fn a_broken_writer_connection_fails_its_batch_and_the_next_reconnects() {
     assert_eq!(streams_after(&store, head).await, ["brand:next"]);
     let _ = admin.close().await;
 }
+
+/// Whether each connection of this server to database `name` uses TLS, by application name.
+async fn tls_by_connection(admin: &DatabaseConnection, name: &str) -> Vec<(String, bool)> {
+    let rows = admin
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            format!(
+                "SELECT a.application_name, s.ssl FROM pg_stat_activity a \
+                 JOIN pg_stat_ssl s USING (pid) WHERE a.datname = '{name}' \
+                 AND a.pid <> pg_backend_pid() ORDER BY 1"
+            ),
+        ))
+        .await
+        .expect("pg_stat_ssl");
+    rows.iter()
+        .map(|r| {
+            (
+                r.try_get::<String>("", "application_name").expect("name"),
+                r.try_get::<bool>("", "ssl").expect("ssl"),
+            )
+        })
+        .collect()
+}
+
+/// A server on a loopback address is reached without TLS when the URL says nothing of it
+/// (src/store/pg_connect.rs), and with it when the URL asks.
+#[tokio::test]
+async fn a_loopback_postgres_is_reached_without_tls_unless_the_url_asks() {
+    let url = fresh_pg_database().await;
+    assert!(
+        !url.contains('?'),
+        "this test needs VM_TEST_DATABASE_URL without parameters: {url}"
+    );
+    let name = url.rsplit('/').next().expect("a database name").to_string();
+    let admin = Database::connect(pg_admin_url()).await.expect("admin");
+    // The server offers TLS, so leaving it out is something the store does.
+    let tls = Database::connect(format!("{url}?sslmode=require"))
+        .await
+        .expect("the test Postgres must accept TLS connections (Debian's default certificate)");
+    let _ = tls.close().await;
+
+    let mut opts = Options::new(Backend::Postgres);
+    opts.workers = 0;
+    opts.database_url = Some(url.clone());
+    let app = TestApp::spawn_with(opts).await;
+    let plain = tls_by_connection(&admin, &name).await;
+    assert!(
+        plain.iter().any(|(app, _)| app == "vm-workflow writer"),
+        "{plain:?}"
+    );
+    assert!(plain.len() >= 2, "the writer and the pool: {plain:?}");
+    assert!(plain.iter().all(|(_, ssl)| !ssl), "{plain:?}");
+    app.stop().await;
+
+    // Another database, so that no connection of the first server is counted.
+    let url = fresh_pg_database().await;
+    let name = url.rsplit('/').next().expect("a database name").to_string();
+    let mut opts = Options::new(Backend::Postgres);
+    opts.workers = 0;
+    opts.database_url = Some(format!("{url}?sslmode=require"));
+    let app = TestApp::spawn_with(opts).await;
+    let asked = tls_by_connection(&admin, &name).await;
+    let writer: Vec<_> = asked
+        .iter()
+        .filter(|(app, _)| app == "vm-workflow writer")
+        .collect();
+    assert!(!writer.is_empty(), "{asked:?}");
+    assert!(writer.iter().all(|(_, ssl)| *ssl), "{asked:?}");
+    app.stop().await;
+    let _ = admin.close().await;
+}
+
+/// Write `text` to the server's file `path`, as the server's user (a large object exported):
+/// the test's own process may not be allowed to write there.
+async fn write_server_file(admin: &DatabaseConnection, path: &str, text: &str) {
+    let made = admin
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT lo_from_bytea(0, convert_to($1, 'UTF8'))::int8",
+            [text.into()],
+        ))
+        .await
+        .expect("a large object")
+        .expect("its oid");
+    let oid: i64 = made.try_get_by_index(0).expect("oid");
+    for sql in [
+        format!("SELECT lo_export({oid}, $1)"),
+        format!("SELECT lo_unlink({oid})"),
+    ] {
+        admin
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql.replace("$1", "$1::text").as_str(),
+                if sql.contains("$1") {
+                    vec![path.into()]
+                } else {
+                    vec![]
+                },
+            ))
+            .await
+            .expect("write the server's file");
+    }
+    admin
+        .execute_unprepared("SELECT pg_reload_conf()")
+        .await
+        .expect("reload");
+}
+
+/// A loopback server that refuses connections without TLS to a database (`hostnossl … reject`
+/// in `pg_hba.conf`, for this test's database only) is still reached, with TLS.
+#[tokio::test]
+async fn a_loopback_postgres_that_wants_tls_is_reached_with_it() {
+    let url = fresh_pg_database().await;
+    let name = url.rsplit('/').next().expect("a database name").to_string();
+    let admin = Database::connect(pg_admin_url()).await.expect("admin");
+    let value = |sql: &'static str| {
+        let admin = &admin;
+        async move {
+            let row = admin
+                .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+                .await
+                .expect(sql)
+                .expect("a row");
+            row.try_get_by_index::<String>(0).expect("text")
+        }
+    };
+    let hba_file = value("SHOW hba_file").await;
+    let hba = value("SELECT pg_read_file(current_setting('hba_file'))").await;
+    write_server_file(
+        &admin,
+        &hba_file,
+        &format!("hostnossl {name} all all reject\n{hba}"),
+    )
+    .await;
+    // The reload is asynchronous: the rule is in force once it refuses a connection.
+    let mut refused = false;
+    for _ in 0..100 {
+        match Database::connect(format!("{url}?sslmode=disable")).await {
+            Ok(c) => {
+                let _ = c.close().await;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(_) => {
+                refused = true;
+                break;
+            }
+        }
+    }
+    let mut opts = Options::new(Backend::Postgres);
+    opts.workers = 0;
+    opts.database_url = Some(url.clone());
+    let app = TestApp::try_spawn_with(opts).await;
+    let connections = tls_by_connection(&admin, &name).await;
+    // The server's file as it was before anything is asserted.
+    write_server_file(&admin, &hba_file, &hba).await;
+    assert!(refused, "the rule refuses connections without TLS");
+    let app = app.expect("the server starts, with TLS");
+    assert!(
+        connections
+            .iter()
+            .any(|(app, _)| app == "vm-workflow writer"),
+        "{connections:?}"
+    );
+    assert!(connections.iter().all(|(_, ssl)| *ssl), "{connections:?}");
+    assert_eq!(
+        app.brand_name_round_trip("over TLS").await,
+        json!("over TLS")
+    );
+    app.stop().await;
+    let _ = admin.close().await;
+}
