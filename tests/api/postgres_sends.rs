@@ -25,12 +25,17 @@ async fn app_on_database_with(settings: &[&str]) -> (TestApp, Arc<Store>, String
             .expect("set");
     }
     let _ = admin.close().await;
-    let mut opts = Options::new(Backend::Postgres);
-    opts.workers = 0;
-    opts.database_url = Some(url.clone());
-    let app = TestApp::spawn_with(opts).await;
+    let app = TestApp::spawn_with(without_workers_on(&url)).await;
     let store = app.services.store.clone();
     (app, store, url)
+}
+
+/// Options for an app without workers on the database at `url`.
+fn without_workers_on(url: &str) -> Options {
+    let mut opts = Options::new(Backend::Postgres);
+    opts.workers = 0;
+    opts.database_url = Some(url.to_string());
+    opts
 }
 
 /// Whether another connection can take the write lock right now (it lets go at once).
@@ -275,10 +280,7 @@ async fn a_loopback_postgres_is_reached_without_tls_unless_the_url_asks() {
         .expect("the test Postgres must accept TLS connections (Debian's default certificate)");
     let _ = tls.close().await;
 
-    let mut opts = Options::new(Backend::Postgres);
-    opts.workers = 0;
-    opts.database_url = Some(url.clone());
-    let app = TestApp::spawn_with(opts).await;
+    let app = TestApp::spawn_with(without_workers_on(&url)).await;
     let plain = tls_by_connection(&admin, &name).await;
     assert!(
         plain.iter().any(|(app, _)| app == "vm-workflow writer"),
@@ -291,10 +293,7 @@ async fn a_loopback_postgres_is_reached_without_tls_unless_the_url_asks() {
     // Another database, so that no connection of the first server is counted.
     let url = fresh_pg_database().await;
     let name = url.rsplit('/').next().expect("a database name").to_string();
-    let mut opts = Options::new(Backend::Postgres);
-    opts.workers = 0;
-    opts.database_url = Some(format!("{url}?sslmode=require"));
-    let app = TestApp::spawn_with(opts).await;
+    let app = TestApp::spawn_with(without_workers_on(&format!("{url}?sslmode=require"))).await;
     let asked = tls_by_connection(&admin, &name).await;
     let writer: Vec<_> = asked
         .iter()
@@ -382,10 +381,7 @@ async fn a_loopback_postgres_that_wants_tls_is_reached_with_it() {
             }
         }
     }
-    let mut opts = Options::new(Backend::Postgres);
-    opts.workers = 0;
-    opts.database_url = Some(url.clone());
-    let app = TestApp::try_spawn_with(opts).await;
+    let app = TestApp::try_spawn_with(without_workers_on(&url)).await;
     let connections = tls_by_connection(&admin, &name).await;
     // The server's file as it was before anything is asserted.
     write_server_file(&admin, &hba_file, &hba).await;
