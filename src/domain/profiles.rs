@@ -36,6 +36,10 @@ pub struct Profile {
 pub struct ProfileSet {
     pub version: String,
     pub profiles: Vec<Profile>,
+    /// Each profile's [`digest`], in the order of `profiles`: a plan without skill overrides
+    /// has its profile's digest, taken here once instead of at every start (it was 1.7 % of a
+    /// start's CPU, BENCHMARKS.md, "What a start costs").
+    digests: Vec<String>,
 }
 
 /// The two settings that drive resolution.
@@ -157,7 +161,12 @@ impl ProfileSet {
             });
         }
         profiles.sort_by(|a, b| a.mode.cmp(&b.mode));
-        Ok(ProfileSet { version, profiles })
+        let digests = profiles.iter().map(digest).collect();
+        Ok(ProfileSet {
+            version,
+            profiles,
+            digests,
+        })
     }
 
     fn parse_stages(ctx: &Ctx, at: &str, v: Option<&Value>) -> Result<Vec<StageDef>, ProfileError> {
@@ -297,7 +306,8 @@ impl ProfileSet {
         } else {
             requested
         };
-        let profile = self.get(effective).ok_or_else(|| {
+        let index = self.profiles.iter().position(|p| p.mode == effective);
+        let profile = index.map(|i| &self.profiles[i]).ok_or_else(|| {
             AppError::Internal(anyhow::anyhow!(
                 "foundation mode `{effective}` is not a profile (available: {})",
                 self.mode_list()
@@ -331,17 +341,21 @@ impl ProfileSet {
             stage.skills = cleaned.clone();
             clean.insert(key.clone(), cleaned);
         }
-        let resolved = Profile {
-            mode: profile.mode.clone(),
-            description: profile.description.clone(),
-            stages: stages.clone(),
+        let profile_digest = match (clean.is_empty(), index.and_then(|i| self.digests.get(i))) {
+            // Nothing overridden: the resolved profile is the profile.
+            (true, Some(known)) => known.clone(),
+            _ => digest(&Profile {
+                mode: profile.mode.clone(),
+                description: profile.description.clone(),
+                stages: stages.clone(),
+            }),
         };
         Ok(PlanSnapshot {
             requested_mode: requested.to_string(),
             effective_mode: effective.to_string(),
             fallback_applied: requested != effective,
             profile_version: self.version.clone(),
-            profile_digest: digest(&resolved),
+            profile_digest,
             description: profile.description.clone(),
             skill_overrides: clean,
             stages,
@@ -521,6 +535,20 @@ mod tests {
         let b = set.resolve(&forced(), "b", &none).expect("b");
         assert_eq!(a.profile_digest, b.profile_digest);
         assert_eq!(a.profile_digest.len(), 64);
+        // Taken once per profile when it is parsed: the digest of the profile itself.
+        let foundation = set.get("foundation_stack").expect("foundation");
+        assert_eq!(a.profile_digest, digest(foundation));
+        // An override that changes nothing is digested anew, to the same value.
+        let research = &foundation.stages[0];
+        let skills: Vec<&str> = research.skills.iter().map(String::as_str).collect();
+        let same = set
+            .resolve(
+                &forced(),
+                "a",
+                &overrides(&[(research.key.as_str(), &skills)]),
+            )
+            .expect("same");
+        assert_eq!(same.profile_digest, a.profile_digest);
         // Same content parsed again, keys in another order: same digest.
         let reordered = SHIPPED.replace(
             "skills: [01-research/research-framework]\n        approval_required: false",
