@@ -9,23 +9,22 @@ bin=$1/vm-workflow
 n=${2:-200}
 addr=127.0.0.1:18780
 gql=http://$addr/graphql
+. "$(dirname "$0")/start-request.sh"
 
 # Total instructions of a server that served $1 starts.
 serve_starts() {
-  local data out pid brand project thread body
+  local data out pid thread body
   data=$(mktemp -d)
   out=$data.callgrind
   VM_WORKERS=0 valgrind --tool=callgrind --callgrind-out-file="$out" \
     "$bin" --data-dir "$data" --bind "$addr" serve >"$data.log" 2>&1 &
   pid=$!
   for _ in $(seq 600); do curl -sf -o /dev/null "http://$addr/healthz" && break; sleep 0.2; done
-  call() { curl -sf "$gql" -H 'content-type: application/json' -d "$1"; }
-  id_of() { grep -o "\"id\":\"$1-[0-9a-f]*\"" | cut -d'"' -f4; }
-  brand=$(call '{"query":"mutation { createBrand(input: {name: \"b\"}) { brand { id } } }"}' | id_of b)
-  project=$(call "{\"query\":\"mutation { createProject(input: {brandId: \\\"$brand\\\", name: \\\"p\\\"}) { project { id } } }\"}" | id_of p)
-  thread=$(call "{\"query\":\"mutation { createThread(input: {projectId: \\\"$project\\\", title: \\\"t\\\"}) { thread { id } } }\"}" | id_of t)
-  body="{\"query\":\"mutation(\$i: StartWorkflowRunInput!) { startWorkflowRun(input: \$i) { run { id status } } }\",\"variables\":{\"i\":{\"threadId\":\"$thread\",\"mode\":\"content_calendar\",\"requestText\":\"Load test run: CRM for clinics\"}}}"
-  for _ in $(seq "$1"); do call "$body" >/dev/null; done
+  thread=$(make_thread "$gql")
+  body=$(start_body "$thread")
+  for _ in $(seq "$1"); do
+    curl -sf "$gql" -H 'content-type: application/json' -d "$body" >/dev/null
+  done
   kill -INT "$pid"
   wait "$pid" || true
   awk '/^summary:/ {print $2}' "$out"

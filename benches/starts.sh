@@ -9,19 +9,14 @@ url=${1:-http://127.0.0.1:18766}
 conns=${2:-50}
 secs=${3:-5}
 gql=$url/graphql
-call() {
-  curl -sf "$gql" -H 'content-type: application/json' -d "$1"
-}
-id_of() { grep -o "\"id\":\"$1-[0-9a-f]*\"" | cut -d'"' -f4; }
-brand=$(call '{"query":"mutation { createBrand(input: {name: \"starts\"}) { brand { id } } }"}' | id_of b)
-project=$(call "{\"query\":\"mutation { createProject(input: {brandId: \\\"$brand\\\", name: \\\"starts\\\"}) { project { id } } }\"}" | id_of p)
-thread=$(call "{\"query\":\"mutation { createThread(input: {projectId: \\\"$project\\\", title: \\\"starts\\\"}) { thread { id } } }\"}" | id_of t)
+. "$(dirname "$0")/start-request.sh"
+thread=$(make_thread "$gql")
 script=$(mktemp --suffix .lua)
 trap 'rm -f "$script"' EXIT
 cat >"$script" <<LUA
 wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"
-wrk.body = '{"query":"mutation(\$i: StartWorkflowRunInput!) { startWorkflowRun(input: \$i) { run { id status } } }","variables":{"i":{"threadId":"$thread","mode":"content_calendar","requestText":"Load test run: CRM for clinics"}}}'
+wrk.body = '$(start_body "$thread")'
 LUA
 port=${url##*:}
 pid=$(ss -ltnpH "sport = :$port" | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2)

@@ -341,9 +341,9 @@ impl ProfileSet {
             stage.skills = cleaned.clone();
             clean.insert(key.clone(), cleaned);
         }
-        let profile_digest = match (clean.is_empty(), index.and_then(|i| self.digests.get(i))) {
+        let profile_digest = match index.and_then(|i| self.digests.get(i)) {
             // Nothing overridden: the resolved profile is the profile.
-            (true, Some(known)) => known.clone(),
+            Some(known) if clean.is_empty() => known.clone(),
             _ => digest(&Profile {
                 mode: profile.mode.clone(),
                 description: profile.description.clone(),

@@ -598,9 +598,10 @@ impl Store {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, AppError> {
         // Postgres on this host over TCP: without TLS unless the URL asks for it (see
         // `pg_connect`).
-        let url = &match url.starts_with("postgres") {
-            true => pg_connect::plain_on_loopback(url).await,
-            false => url.to_string(),
+        let url = &if url.starts_with("postgres") {
+            pg_connect::plain_on_loopback(url).await
+        } else {
+            url.to_string()
         };
         if url.starts_with("sqlite:") {
             if let Err(rc) = sqlite_memory::install() {
