@@ -92,3 +92,20 @@ fn export_schema_command_prints_the_sdl() {
         vm_workflow::graphql::export_sdl()
     );
 }
+
+/// Logs written to a file or a pipe are plain text: no terminal colour codes.
+#[test]
+fn logs_off_a_terminal_carry_no_colour_codes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = Command::new(env!("CARGO_BIN_EXE_vm-workflow"))
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .arg("rebuild-projections")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains(" INFO "), "an info line is logged: {log}");
+    assert!(!log.contains('\u{1b}'), "no escape codes: {log:?}");
+}
