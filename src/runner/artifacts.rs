@@ -51,15 +51,20 @@ pub fn is_safe_relative(path: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_)))
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// A new name beside `path` for a file that is renamed to `path` once written.
+fn temporary_sibling(path: &Path) -> PathBuf {
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(
+    path.with_file_name(format!(
         ".{file_name}.{}.tmp",
         crate::domain::ids::generate("")
-    ));
+    ))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = temporary_sibling(path);
     // Directories are made on the first miss only: most writes go to one that exists.
     if let Err(e) = std::fs::write(&tmp, bytes) {
         match path.parent() {
@@ -73,6 +78,38 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
+}
+
+/// Write `bytes` to `path` through a temporary sibling, unless `path` exists: then nothing is
+/// written and the answer is `false`. `Unsupported` where renaming without replacing is not.
+fn create_new(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
+    let tmp = temporary_sibling(path);
+    std::fs::write(&tmp, bytes)?;
+    let renamed = rename_no_replace(&tmp, path);
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    match renamed {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        // A file system without the flag.
+        Err(rustix::io::Errno::INVAL) => Err(std::io::ErrorKind::Unsupported.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn rename_no_replace(_: &Path, _: &Path) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
 }
 
 fn json_bytes(value: &serde_json::Value) -> Vec<u8> {
@@ -171,9 +208,14 @@ impl ArtifactStore {
             .join(Self::stage_dir_name(position, key))
     }
 
-    /// `plan.json`: the immutable snapshot, written when the run is queued.
+    /// `plan.json`, the immutable snapshot, and the first run.json: written when the run is
+    /// queued, in a directory made here for it. Nothing else knows the run before its queueing
+    /// commits, so nothing is looked up first; only a later state's run.json, written by the
+    /// runtime once the run was handed on, may be there already, and is then left as it is.
     pub fn write_plan(&self, state: &RunState) -> Result<(), AppError> {
         let run = &state.run;
+        let dir = self.run_dir(&run.id);
+        std::fs::create_dir_all(&dir)?;
         let plan = json!({
             "runId": run.id,
             "threadId": run.thread_id,
@@ -190,8 +232,23 @@ impl ArtifactStore {
             "stages": run.plan.stages,
             "createdAt": run.created_at,
         });
-        write_json(&self.run_dir(&run.id).join("plan.json"), &plan)?;
-        self.write_run_json(state)
+        write_json(&dir.join("plan.json"), &plan)?;
+        let mut written = crate::sync::lock(&self.run_json);
+        let bytes = json_bytes(&self.run_json_doc(state));
+        match create_new(&dir.join("run.json"), &bytes) {
+            Ok(true) => {
+                if written.sole_writer && !run.status.is_terminal() {
+                    written.versions.insert(run.id.clone(), run.version);
+                }
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                drop(written);
+                self.write_run_json(state)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// `run.json`: status and the manifests written so far. A state older than the one on disk
@@ -207,6 +264,21 @@ impl ArtifactStore {
         if !newer {
             return Ok(());
         }
+        let doc = self.run_json_doc(state);
+        let last = run.status.is_terminal();
+        replace_run_json(&path, &json_bytes(&doc), last)?;
+        if last {
+            // A late write of an earlier state finds the file, and the final version in it.
+            written.versions.remove(&run.id);
+        } else if written.sole_writer {
+            written.versions.insert(run.id.clone(), run.version);
+        }
+        Ok(())
+    }
+
+    /// What run.json holds for `state`.
+    fn run_json_doc(&self, state: &RunState) -> serde_json::Value {
+        let run = &state.run;
         // A stage's manifest is written before its completion commits: only a completed stage
         // can have one.
         let mut manifests: Vec<String> = state
@@ -227,7 +299,7 @@ impl ArtifactStore {
             })
             .collect();
         manifests.sort();
-        let doc = json!({
+        json!({
             "runId": run.id,
             "threadId": run.thread_id,
             "mode": run.plan.effective_mode,
@@ -235,16 +307,7 @@ impl ArtifactStore {
             "version": run.version,
             "updatedAt": run.updated_at,
             "manifestPaths": manifests,
-        });
-        let last = run.status.is_terminal();
-        replace_run_json(&path, &json_bytes(&doc), last)?;
-        if last {
-            // A late write of an earlier state finds the file, and the final version in it.
-            written.versions.remove(&run.id);
-        } else if written.sole_writer {
-            written.versions.insert(run.id.clone(), run.version);
-        }
-        Ok(())
+        })
     }
 
     /// Write a successful attempt's files; the manifest last. Returns the artifact metadata.
@@ -503,6 +566,52 @@ mod tests {
                 .expect("a late earlier state");
             assert_eq!(version_on_disk(store), Some(9));
             assert!(crate::sync::lock(&store.run_json).versions.is_empty());
+        }
+    }
+
+    /// The queueing write makes the run's directory, plan.json and the first run.json; when a
+    /// later state's run.json is there first (the runtime stepped the handed-on run, even to its
+    /// end, before the queueing write ran), it is left as it is, and no temporary file is left.
+    #[test]
+    fn the_plan_write_never_replaces_a_later_run_json() {
+        use crate::domain::run::RunStatus;
+        let dir = tempfile::tempdir().expect("tmp");
+        for sole in [false, true] {
+            let store = ArtifactStore::new(&dir.path().join(sole.to_string())).sole_writer(sole);
+            let names = || {
+                let mut n: Vec<_> = std::fs::read_dir(store.run_dir("run-1"))
+                    .expect("dir")
+                    .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+                    .collect();
+                n.sort();
+                n
+            };
+            let queued = run_state(1, RunStatus::Queued);
+            store.write_plan(&queued).expect("plan");
+            assert_eq!(names(), ["plan.json", "run.json"]);
+            assert_eq!(version_on_disk(&store), Some(1));
+            let plan: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(store.run_dir("run-1").join("plan.json")).expect("plan.json"),
+            )
+            .expect("json");
+            assert_eq!(plan["runId"], "run-1");
+            // A sole writer knows the version it wrote: an equal one is not written again.
+            assert_eq!(
+                crate::sync::lock(&store.run_json).versions.get("run-1"),
+                sole.then_some(&1)
+            );
+
+            for later in [
+                run_state(5, RunStatus::WaitingApproval),
+                run_state(9, RunStatus::Completed),
+            ] {
+                std::fs::remove_dir_all(store.run_dir("run-1")).expect("clean");
+                crate::sync::lock(&store.run_json).versions.clear();
+                store.write_run_json(&later).expect("the runtime's write");
+                store.write_plan(&queued).expect("the late queueing write");
+                assert_eq!(version_on_disk(&store), Some(later.run.version));
+                assert_eq!(names(), ["plan.json", "run.json"]);
+            }
         }
     }
 
