@@ -171,6 +171,120 @@ fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
     Err(std::io::ErrorKind::Unsupported.into())
 }
 
+/// A stage's files (relative paths in its directory, the manifest last) and its artifacts'
+/// metadata.
+struct StageFiles {
+    list: Vec<(String, Vec<u8>)>,
+    metas: Vec<ArtifactMeta>,
+}
+
+fn stage_files(
+    ctx: &StageContext,
+    output: &StageOutput,
+    started_at: &str,
+    finished_at: &str,
+) -> std::io::Result<StageFiles> {
+    let mut list = Vec::with_capacity(output.artifacts.len() + 3);
+    list.push((
+        "input.json".to_string(),
+        json_bytes(&json!({
+            "requestText": ctx.request_text,
+            "mode": ctx.effective_mode,
+            "skills": ctx.skills,
+            "attempt": ctx.attempt,
+        })),
+    ));
+    list.push((
+        "output.json".to_string(),
+        json_bytes(&json!({
+            "stageKey": ctx.stage_key,
+            "pipelineStatus": output.pipeline_status,
+            "summary": output.summary,
+            "skills": ctx.skills,
+            "mode": ctx.effective_mode,
+            "attempt": ctx.attempt,
+            "isolationKey": ctx.isolation_key(),
+            "startedAt": started_at,
+            "finishedAt": finished_at,
+        })),
+    ));
+    let mut metas = Vec::with_capacity(output.artifacts.len());
+    for (path, content) in &output.artifacts {
+        if !is_safe_relative(path) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("artifact path `{path}` is not a safe relative path"),
+            ));
+        }
+        list.push((format!("artifacts/{path}"), content.as_bytes().to_vec()));
+        metas.push(ArtifactMeta {
+            path: path.clone(),
+            kind: kind_of(path),
+            sha256: hex::encode(Sha256::digest(content.as_bytes())),
+            size: content.len() as i64,
+        });
+    }
+    list.push((
+        "manifest.json".to_string(),
+        json_bytes(&json!({
+            "runId": ctx.run_id,
+            "threadId": ctx.thread_id,
+            "stageKey": ctx.stage_key,
+            "stagePosition": ctx.position,
+            "attempt": ctx.attempt,
+            "status": "completed",
+            "startedAt": started_at,
+            "finishedAt": finished_at,
+            "artifacts": metas.iter().map(|m| json!({
+                "path": format!("artifacts/{}", m.path),
+                "kind": m.kind,
+                "sha256": m.sha256,
+                "size": m.size,
+            })).collect::<Vec<_>>(),
+        })),
+    ));
+    Ok(StageFiles { list, metas })
+}
+
+/// Make the directory `dir`, which must not exist, and write `files` (relative paths) in it,
+/// in order: each subdirectory made once, from the top, with no lookups.
+fn fill_new_dir(dir: &Path, files: &[(String, Vec<u8>)]) -> std::io::Result<()> {
+    make_dir(dir, false)?;
+    let mut made: Vec<&Path> = Vec::new();
+    for (path, bytes) in files {
+        let relative = Path::new(path);
+        let mut parents: Vec<&Path> = relative
+            .ancestors()
+            .skip(1)
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect();
+        parents.reverse();
+        for parent in parents {
+            if !made.contains(&parent) {
+                std::fs::create_dir(dir.join(parent))?;
+                made.push(parent);
+            }
+        }
+        std::fs::write(dir.join(relative), bytes)?;
+    }
+    Ok(())
+}
+
+/// `mkdir`, with the missing parents made first; one that exists already is an error unless
+/// `existing_ok`. One system call where the parent exists (`create_dir_all` looks first).
+fn make_dir(dir: &Path, existing_ok: bool) -> std::io::Result<()> {
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent() {
+                make_dir(parent, true)?;
+            }
+            std::fs::create_dir(dir)
+        }
+        Err(e) if existing_ok && e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
+
 fn kind_of(path: &str) -> String {
     Path::new(path)
         .extension()
@@ -328,6 +442,11 @@ impl ArtifactStore {
             })
     }
 
+    /// A stage's first attempt to finish (the usual case: its directory does not exist yet)
+    /// fills a directory under a temporary name and renames it into place whole, so its files
+    /// need no renames of their own: a reader sees no stage directory, or all of it. Where the
+    /// directory exists (failed attempts recorded in it, or files of an attempt whose commit
+    /// did not happen), each file replaces its namesake through a temporary file, as always.
     fn write_stage_files(
         &self,
         ctx: &StageContext,
@@ -336,65 +455,16 @@ impl ArtifactStore {
     ) -> std::io::Result<Vec<ArtifactMeta>> {
         let dir = self.stage_dir(&ctx.run_id, ctx.position, &ctx.stage_key);
         let finished_at = time::now();
-        write_json(
-            &dir.join("input.json"),
-            &json!({
-                "requestText": ctx.request_text,
-                "mode": ctx.effective_mode,
-                "skills": ctx.skills,
-                "attempt": ctx.attempt,
-            }),
-        )?;
-        write_json(
-            &dir.join("output.json"),
-            &json!({
-                "stageKey": ctx.stage_key,
-                "pipelineStatus": output.pipeline_status,
-                "summary": output.summary,
-                "skills": ctx.skills,
-                "mode": ctx.effective_mode,
-                "attempt": ctx.attempt,
-                "isolationKey": ctx.isolation_key(),
-                "startedAt": started_at,
-                "finishedAt": finished_at,
-            }),
-        )?;
-        let mut metas = Vec::with_capacity(output.artifacts.len());
-        for (path, content) in &output.artifacts {
-            if !is_safe_relative(path) {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("artifact path `{path}` is not a safe relative path"),
-                ));
+        let files = stage_files(ctx, output, started_at, &finished_at)?;
+        let tmp = temporary_sibling(&dir);
+        let whole = fill_new_dir(&tmp, &files.list).and_then(|()| std::fs::rename(&tmp, &dir));
+        if whole.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            for (path, bytes) in &files.list {
+                write_atomic(&dir.join(path), bytes)?;
             }
-            write_atomic(&dir.join("artifacts").join(path), content.as_bytes())?;
-            metas.push(ArtifactMeta {
-                path: path.clone(),
-                kind: kind_of(path),
-                sha256: hex::encode(Sha256::digest(content.as_bytes())),
-                size: content.len() as i64,
-            });
         }
-        write_json(
-            &dir.join("manifest.json"),
-            &json!({
-                "runId": ctx.run_id,
-                "threadId": ctx.thread_id,
-                "stageKey": ctx.stage_key,
-                "stagePosition": ctx.position,
-                "attempt": ctx.attempt,
-                "status": "completed",
-                "startedAt": started_at,
-                "finishedAt": finished_at,
-                "artifacts": metas.iter().map(|m| json!({
-                    "path": format!("artifacts/{}", m.path),
-                    "kind": m.kind,
-                    "sha256": m.sha256,
-                    "size": m.size,
-                })).collect::<Vec<_>>(),
-            }),
-        )?;
-        Ok(metas)
+        Ok(files.metas)
     }
 
     /// Record a failed attempt under `attempts/<n>.json`.
@@ -613,6 +683,121 @@ mod tests {
                 assert_eq!(names(), ["plan.json", "run.json"]);
             }
         }
+    }
+
+    /// Every file under `dir`, relative, sorted.
+    fn files_under(dir: &Path) -> Vec<String> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).expect("dir") {
+                let path = e.expect("entry").path();
+                if path.is_dir() {
+                    walk(root, &path, out);
+                } else {
+                    let rel = path.strip_prefix(root).expect("under");
+                    out.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(dir, dir, &mut out);
+        out.sort();
+        out
+    }
+
+    /// A stage's files arrive as one directory, and the same files go into a directory that
+    /// is there already (a failed attempt recorded in it, then a rerun), replacing their
+    /// namesakes and keeping the rest; no temporary file or directory is left either way.
+    #[test]
+    fn a_stage_directory_is_written_whole_or_file_by_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = ArtifactStore::new(dir.path());
+        let mut ctx = crate::runner::StageContext {
+            run_id: "run-1".into(),
+            thread_id: "t-1".into(),
+            project_id: "p".into(),
+            brand_id: "b".into(),
+            stage_key: "keywords".into(),
+            position: 4,
+            attempt: 1,
+            skills: vec!["03-strategy/x".into()],
+            requested_mode: "content_calendar".into(),
+            effective_mode: "foundation_stack".into(),
+            fallback_applied: true,
+            request_text: "CRM for clinics".into(),
+            stage_keys: vec!["keywords".into()],
+            completed_stages: vec![],
+        };
+        let output = |text: &str| StageOutput {
+            summary: "s".into(),
+            pipeline_status: "completed".into(),
+            artifacts: vec![
+                ("strategy/keyword-map.md".into(), format!("map {text}")),
+                ("final/foundation-brief.md".into(), format!("brief {text}")),
+            ],
+        };
+        let stages = store.run_dir("run-1").join("stages");
+        let stage = stages.join("04-keywords");
+        let expected = [
+            "artifacts/final/foundation-brief.md",
+            "artifacts/strategy/keyword-map.md",
+            "input.json",
+            "manifest.json",
+            "output.json",
+        ];
+
+        let metas = store
+            .write_stage(&ctx, &output("one"), "t0")
+            .expect("whole");
+        assert_eq!(files_under(&stage), expected);
+        assert_eq!(files_under(&stages).len(), expected.len(), "nothing else");
+        assert_eq!(metas.len(), 2);
+        assert_eq!(metas[0].size, "map one".len() as i64);
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(stage.join("manifest.json")).expect("read"))
+                .expect("json");
+        assert_eq!(
+            manifest["artifacts"][1]["path"],
+            "artifacts/final/foundation-brief.md"
+        );
+
+        // Another stage with a failed attempt first: its directory exists.
+        ctx.stage_key = "research".into();
+        ctx.position = 1;
+        store
+            .write_attempt(&ctx, "failed", None, "t0")
+            .expect("attempt");
+        ctx.attempt = 2;
+        store
+            .write_stage(&ctx, &output("two"), "t1")
+            .expect("file by file");
+        let research = stages.join("01-research");
+        let mut with_attempt = vec!["attempts/001.json".to_string()];
+        with_attempt.extend(expected.iter().map(|s| s.to_string()));
+        with_attempt.sort();
+        assert_eq!(files_under(&research), with_attempt);
+        assert_eq!(
+            std::fs::read_to_string(research.join("artifacts/strategy/keyword-map.md"))
+                .expect("read"),
+            "map two"
+        );
+
+        // The first stage again (its commit did not happen): replaced in place.
+        ctx.stage_key = "keywords".into();
+        ctx.position = 4;
+        store
+            .write_stage(&ctx, &output("three"), "t2")
+            .expect("again");
+        assert_eq!(files_under(&stage), expected);
+        assert_eq!(
+            std::fs::read_to_string(stage.join("artifacts/final/foundation-brief.md"))
+                .expect("read"),
+            "brief three"
+        );
+        let names: Vec<_> = std::fs::read_dir(&stages)
+            .expect("stages")
+            .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "no temporary directory left: {names:?}");
     }
 
     #[test]
