@@ -2,7 +2,9 @@
 //! `stages/<NN>-<key>/{input.json, output.json, artifacts/<path>, manifest.json}`, and
 //! `attempts/<n>.json` for each failed attempt (a completed one is recorded by its output.json and
 //! manifest.json, which hold its number, status and times).
-//! Every file is written to a temporary sibling and renamed; the manifest is written last.
+//! No file is seen half-written: a stage's files go into a new directory renamed into place whole
+//! (file by file through temporary siblings where the directory exists), other files through a
+//! temporary sibling and a rename; the manifest is written last.
 
 use super::{StageContext, StageError, StageOutput};
 use crate::domain::events::ArtifactMeta;
