@@ -713,22 +713,8 @@ mod tests {
     fn a_stage_directory_is_written_whole_or_file_by_file() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = ArtifactStore::new(dir.path());
-        let mut ctx = crate::runner::StageContext {
-            run_id: "run-1".into(),
-            thread_id: "t-1".into(),
-            project_id: "p".into(),
-            brand_id: "b".into(),
-            stage_key: "keywords".into(),
-            position: 4,
-            attempt: 1,
-            skills: vec!["03-strategy/x".into()],
-            requested_mode: "content_calendar".into(),
-            effective_mode: "foundation_stack".into(),
-            fallback_applied: true,
-            request_text: "CRM for clinics".into(),
-            stage_keys: vec!["keywords".into()],
-            completed_stages: vec![],
-        };
+        let mut ctx = crate::runner::tests::context("run-1", "keywords");
+        ctx.position = 4;
         let output = |text: &str| StageOutput {
             summary: "s".into(),
             pipeline_status: "completed".into(),

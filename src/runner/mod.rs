@@ -93,3 +93,32 @@ pub trait StageRunner: Send + Sync {
         ctx: &'a StageContext,
     ) -> BoxFuture<'a, Result<StageOutput, StageError>>;
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A stage context for tests: stage `key` (position 1, attempt 1) of run `run`.
+    pub(crate) fn context(run: &str, key: &str) -> StageContext {
+        StageContext {
+            run_id: run.into(),
+            thread_id: "t-shared".into(),
+            project_id: "p".into(),
+            brand_id: "b".into(),
+            stage_key: key.into(),
+            position: 1,
+            attempt: 1,
+            skills: vec!["03-strategy/x".into()],
+            requested_mode: "content_calendar".into(),
+            effective_mode: "foundation_stack".into(),
+            fallback_applied: true,
+            request_text: "CRM for clinics".into(),
+            stage_keys: ["research", "brand-voice", "positioning", "keywords"]
+                .map(String::from)
+                .to_vec(),
+            completed_stages: ["research", "brand-voice", "positioning"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
