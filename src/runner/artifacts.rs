@@ -251,7 +251,13 @@ fn stage_files(
 /// Make the directory `dir`, which must not exist, and write `files` (relative paths) in it,
 /// in order: each subdirectory made once, from the top, with no lookups.
 fn fill_new_dir(dir: &Path, files: &[(String, Vec<u8>)]) -> std::io::Result<()> {
-    make_dir(dir, false)?;
+    if let Err(e) = std::fs::create_dir(dir) {
+        let parent = dir
+            .parent()
+            .filter(|_| e.kind() == std::io::ErrorKind::NotFound);
+        std::fs::create_dir_all(parent.ok_or(e)?)?;
+        std::fs::create_dir(dir)?;
+    }
     let mut made: Vec<&Path> = Vec::new();
     for (path, bytes) in files {
         let relative = Path::new(path);
@@ -270,21 +276,6 @@ fn fill_new_dir(dir: &Path, files: &[(String, Vec<u8>)]) -> std::io::Result<()> 
         std::fs::write(dir.join(relative), bytes)?;
     }
     Ok(())
-}
-
-/// `mkdir`, with the missing parents made first; one that exists already is an error unless
-/// `existing_ok`. One system call where the parent exists (`create_dir_all` looks first).
-fn make_dir(dir: &Path, existing_ok: bool) -> std::io::Result<()> {
-    match std::fs::create_dir(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(parent) = dir.parent() {
-                make_dir(parent, true)?;
-            }
-            std::fs::create_dir(dir)
-        }
-        Err(e) if existing_ok && e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        other => other,
-    }
 }
 
 fn kind_of(path: &str) -> String {
