@@ -78,7 +78,9 @@ pub struct Run {
     pub brand_id: String,
     pub status: RunStatus,
     pub request_text: String,
-    pub plan: PlanSnapshot,
+    /// Immutable once the run is queued, so every copy of the run's state shares it (a copy is
+    /// taken at each step, and at each write and read of the run cache).
+    pub plan: std::sync::Arc<PlanSnapshot>,
     pub current_stage: Option<String>,
     pub version: i64,
     pub created_seq: i64,
@@ -220,7 +222,7 @@ impl RunState {
                 brand_id: brand_id.clone(),
                 status: RunStatus::Queued,
                 request_text: request_text.clone(),
-                plan: plan.clone(),
+                plan: std::sync::Arc::new(plan.clone()),
                 current_stage: None,
                 version: ev.stream_version,
                 created_seq: ev.sequence,
