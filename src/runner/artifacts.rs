@@ -34,6 +34,18 @@ struct Written {
     versions: std::collections::HashMap<String, i64>,
 }
 
+impl Written {
+    /// `run`'s state is in run.json now: remembered by a sole writer until the run ends.
+    fn wrote(&mut self, run: &crate::domain::run::Run) {
+        if run.status.is_terminal() {
+            // A late write of an earlier state finds the file, and the final version in it.
+            self.versions.remove(&run.id);
+        } else if self.sole_writer {
+            self.versions.insert(run.id.clone(), run.version);
+        }
+    }
+}
+
 /// Whether `path` holds no run.json of `version` or later (missing or unreadable: none).
 fn older_than(path: &Path, version: i64) -> bool {
     let on_disk = std::fs::read(path)
@@ -83,7 +95,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Write `bytes` to `path` through a temporary sibling, unless `path` exists: then nothing is
-/// written and the answer is `false`. `Unsupported` where renaming without replacing is not.
+/// written and the answer is `false`.
 fn create_new(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
     let tmp = temporary_sibling(path);
     std::fs::write(&tmp, bytes)?;
@@ -98,20 +110,22 @@ fn create_new(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
     }
 }
 
-#[cfg(target_os = "linux")]
+/// Rename `from` to `to` unless `to` exists (`AlreadyExists`): in one step on Linux; elsewhere,
+/// and on a file system without the flag, a look and then a rename, which another process
+/// writing the same data directory could come between.
 fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
-    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
-        Ok(()) => Ok(()),
-        // A file system without the flag.
-        Err(rustix::io::Errno::INVAL) => Err(std::io::ErrorKind::Unsupported.into()),
-        Err(e) => Err(e.into()),
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+            Err(rustix::io::Errno::INVAL) => {}
+            done => return done.map_err(Into::into),
+        }
     }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn rename_no_replace(_: &Path, _: &Path) -> std::io::Result<()> {
-    Err(std::io::ErrorKind::Unsupported.into())
+    if to.try_exists()? {
+        return Err(std::io::ErrorKind::AlreadyExists.into());
+    }
+    std::fs::rename(from, to)
 }
 
 fn json_bytes(value: &serde_json::Value) -> Vec<u8> {
@@ -340,22 +354,12 @@ impl ArtifactStore {
             "createdAt": run.created_at,
         });
         write_json(&dir.join("plan.json"), &plan)?;
-        let mut written = crate::sync::lock(&self.run_json);
         let bytes = json_bytes(&self.run_json_doc(state));
-        match create_new(&dir.join("run.json"), &bytes) {
-            Ok(true) => {
-                if written.sole_writer && !run.status.is_terminal() {
-                    written.versions.insert(run.id.clone(), run.version);
-                }
-                Ok(())
-            }
-            Ok(false) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
-                drop(written);
-                self.write_run_json(state)
-            }
-            Err(e) => Err(e.into()),
+        let mut written = crate::sync::lock(&self.run_json);
+        if create_new(&dir.join("run.json"), &bytes)? {
+            written.wrote(run);
         }
+        Ok(())
     }
 
     /// `run.json`: status and the manifests written so far. A state older than the one on disk
@@ -372,14 +376,8 @@ impl ArtifactStore {
             return Ok(());
         }
         let doc = self.run_json_doc(state);
-        let last = run.status.is_terminal();
-        replace_run_json(&path, &json_bytes(&doc), last)?;
-        if last {
-            // A late write of an earlier state finds the file, and the final version in it.
-            written.versions.remove(&run.id);
-        } else if written.sole_writer {
-            written.versions.insert(run.id.clone(), run.version);
-        }
+        replace_run_json(&path, &json_bytes(&doc), run.status.is_terminal())?;
+        written.wrote(run);
         Ok(())
     }
 

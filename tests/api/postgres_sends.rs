@@ -16,7 +16,7 @@ const WRITE_LOCK: i64 = 0x766d_776f_726b;
 /// and the database's address.
 async fn app_on_database_with(settings: &[&str]) -> (TestApp, Arc<Store>, String) {
     let url = fresh_pg_database().await;
-    let name = url.rsplit('/').next().expect("a database name").to_string();
+    let name = database_name(&url);
     let admin = Database::connect(pg_admin_url()).await.expect("admin");
     for setting in settings {
         admin
@@ -240,6 +240,11 @@ async fn a_broken_writer_connection_fails_its_batch_and_the_next_reconnects() {
     let _ = admin.close().await;
 }
 
+/// The database a URL without parameters names.
+fn database_name(url: &str) -> String {
+    url.rsplit('/').next().expect("a database name").to_string()
+}
+
 /// Whether each connection of this server to database `name` uses TLS, by application name.
 async fn tls_by_connection(admin: &DatabaseConnection, name: &str) -> Vec<(String, bool)> {
     let rows = admin
@@ -272,7 +277,7 @@ async fn a_loopback_postgres_is_reached_without_tls_unless_the_url_asks() {
         !url.contains('?'),
         "this test needs VM_TEST_DATABASE_URL without parameters: {url}"
     );
-    let name = url.rsplit('/').next().expect("a database name").to_string();
+    let name = database_name(&url);
     let admin = Database::connect(pg_admin_url()).await.expect("admin");
     // The server offers TLS, so leaving it out is something the store does.
     let tls = Database::connect(format!("{url}?sslmode=require"))
@@ -292,7 +297,7 @@ async fn a_loopback_postgres_is_reached_without_tls_unless_the_url_asks() {
 
     // Another database, so that no connection of the first server is counted.
     let url = fresh_pg_database().await;
-    let name = url.rsplit('/').next().expect("a database name").to_string();
+    let name = database_name(&url);
     let app = TestApp::spawn_with(without_workers_on(&format!("{url}?sslmode=require"))).await;
     let asked = tls_by_connection(&admin, &name).await;
     let writer: Vec<_> = asked
@@ -318,23 +323,18 @@ async fn write_server_file(admin: &DatabaseConnection, path: &str, text: &str) {
         .expect("a large object")
         .expect("its oid");
     let oid: i64 = made.try_get_by_index(0).expect("oid");
-    for sql in [
-        format!("SELECT lo_export({oid}, $1)"),
-        format!("SELECT lo_unlink({oid})"),
-    ] {
-        admin
-            .execute_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                sql.replace("$1", "$1::text").as_str(),
-                if sql.contains("$1") {
-                    vec![path.into()]
-                } else {
-                    vec![]
-                },
-            ))
-            .await
-            .expect("write the server's file");
-    }
+    admin
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("SELECT lo_export({oid}, $1::text)"),
+            [path.into()],
+        ))
+        .await
+        .expect("write the server's file");
+    admin
+        .execute_unprepared(&format!("SELECT lo_unlink({oid})"))
+        .await
+        .expect("drop the large object");
     admin
         .execute_unprepared("SELECT pg_reload_conf()")
         .await
@@ -346,7 +346,7 @@ async fn write_server_file(admin: &DatabaseConnection, path: &str, text: &str) {
 #[tokio::test]
 async fn a_loopback_postgres_that_wants_tls_is_reached_with_it() {
     let url = fresh_pg_database().await;
-    let name = url.rsplit('/').next().expect("a database name").to_string();
+    let name = database_name(&url);
     let admin = Database::connect(pg_admin_url()).await.expect("admin");
     let value = |sql: &'static str| {
         let admin = &admin;
